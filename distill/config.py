@@ -1,0 +1,396 @@
+"""The recipe schema: nested dataclasses whose fields carry their defaults and help.
+
+This is the only place defaults live. ``load(recipe, overrides)`` reads a YAML recipe,
+applies ``section.key=value`` overrides, checks every key and type, checks the combination
+of values and the files it names, and returns a ``Config``; every problem is a
+``ConfigError`` that names the key and the recipe file, raised before any weights load.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe problem: names the recipe file and the offending key."""
+
+
+def _field(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TeacherConfig:
+    path: str = _field(
+        "models/digits-teacher",
+        "diffusers checkpoint of the teacher: a hub id or a local pipeline directory (model_index.json)",
+    )
+    revision: Optional[str] = _field(None, "hub revision (branch, tag or commit) of `path`")
+    guidance_scale: float = _field(1.0, "classifier-free guidance scale of the real score (1 = no guidance)")
+
+
+@dataclass
+class StudentConfig:
+    timesteps: list[int] = _field(
+        [500],
+        "the student's fixed timesteps, descending; each step denoises pure noise (first) or the previous "
+        "output re-noised to that timestep. One step conditioned at t=500 works on digits; [999, 749, 499, 249] "
+        "is the usual 4-step schedule",
+    )
+    backward_simulation: bool = _field(
+        True,
+        "multi-step training inputs come from running the student itself (DMD2 §4.5) rather than noised real images",
+    )
+
+
+@dataclass
+class R1Config:
+    kind: Literal["none", "approximated", "exact"] = _field(
+        "none", "regulariser of the discriminator on real inputs: none, approximated R1 (APT) or exact R1"
+    )
+    weight: float = _field(1.0, "weight of the R1 term in the critic loss (gamma / 2 for exact R1)")
+    sigma: float = _field(0.01, "std of the Gaussian perturbation of real inputs for approximated R1")
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["dmd2"] = _field("dmd2", "distillation method")
+    dmd_weight: float = _field(1.0, "weight of the distribution-matching loss in the generator loss")
+    gan_weight: float = _field(
+        0.0, "weight of the generator's GAN loss (0 disables the GAN head and needs no real images)"
+    )
+    critic_gan_weight: float = _field(1.0, "weight of the discriminator's GAN loss in the critic loss")
+    gan_loss: Literal["non_saturating", "hinge", "relativistic"] = _field(
+        "non_saturating", "adversarial loss of the GAN term"
+    )
+    fake_score_updates: int = _field(
+        5, "critic (fake score) updates per student update: DMD2's two time-scale update rule"
+    )
+    t_min: int = _field(20, "smallest timestep at which student samples are re-noised for DMD and the GAN")
+    t_max: int = _field(980, "largest timestep at which student samples are re-noised for DMD and the GAN")
+    r1: R1Config = _field(R1Config(), "discriminator regulariser")
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["digits"] = _field("digits", "training data: the built-in scikit-learn digits")
+    batch_size: int = _field(64, "samples per process per micro-batch")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = _field(1e-5, "learning rate (constant after warm-up)")
+    betas: list[float] = _field([0.0, 0.999], "Adam betas")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    warmup_steps: int = _field(0, "linear learning-rate warm-up, in optimizer steps")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _field(1000, "student updates to run")
+    max_minutes: Optional[float] = _field(
+        None, "wall-clock budget: stop (and checkpoint) after this many minutes even if max_steps is not reached"
+    )
+    gradient_accumulation_steps: int = _field(1, "micro-batches per optimizer step, for both optimizers")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _field("no", "mixed precision, through Accelerate")
+    max_grad_norm: float = _field(1.0, "gradient clipping norm for student and critic (0 disables)")
+    ema_decay: float = _field(0.99, "EMA decay of the student's weights (0 disables EMA)")
+    checkpoint_every: int = _field(200, "save a resumable checkpoint every N student steps")
+    keep_checkpoints: int = _field(2, "how many recent checkpoints to keep")
+    log_every: int = _field(10, "log losses every N student steps")
+    sample_every: int = _field(200, "write a sample grid every N student steps (0 disables)")
+    num_grid_samples: int = _field(64, "images in each sample grid")
+
+
+@dataclass
+class EvalConfig:
+    classifier: Optional[str] = _field(
+        "models/digits-classifier",
+        "classifier (hub id or local dir) whose features score samples: Fréchet distance and class accuracy",
+    )
+    num_samples: int = _field(2000, "samples generated for the final scores")
+    batch_size: int = _field(500, "generation batch for scoring")
+
+
+@dataclass
+class OptimConfig:
+    student: OptimizerConfig = _field(OptimizerConfig(lr=1e-5), "optimizer of the student (generator)")
+    critic: OptimizerConfig = _field(
+        OptimizerConfig(lr=1e-4), "optimizer of the critic: fake score network and GAN head"
+    )
+
+
+@dataclass
+class Config:
+    output_dir: str = _field("runs/digits-dmd2-1step", "run directory: checkpoints, logs, samples, scores")
+    seed: int = _field(0, "seed of every random draw of the run")
+    resume: Optional[str] = _field(
+        None, "continue a run: 'latest' (newest checkpoint in output_dir) or a checkpoint directory"
+    )
+    teacher: TeacherConfig = _field(TeacherConfig(), "the pretrained model to distill")
+    student: StudentConfig = _field(StudentConfig(), "the few-step generator")
+    method: MethodConfig = _field(MethodConfig(), "the distillation method and its losses")
+    data: DataConfig = _field(DataConfig(), "training data")
+    optim: OptimConfig = _field(OptimConfig(), "optimizers")
+    train: TrainConfig = _field(TrainConfig(), "training loop")
+    eval: EvalConfig = _field(EvalConfig(), "scoring at the end of training")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and type checking
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widened to float)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{source}: {key}: expected {_describe(tp)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError:
+                continue
+        raise bad
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(base: Any, data: dict, prefix: str, source: str) -> Any:
+    """``base`` (a dataclass instance holding the defaults) updated with ``data``, checked."""
+    cls = type(base)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        section = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"{source}: {key}: unknown key; {section} takes {', '.join(names)}")
+    values = {}
+    for k, v in data.items():
+        default = getattr(base, k)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{source}: {prefix}{k}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(default))}, got {v!r}")
+            values[k] = _build(default, v, f"{prefix}{k}.", source)
+        else:
+            values[k] = _coerce(v, hints[k], f"{prefix}{k}", source)
+    return dataclasses.replace(base, **values)
+
+
+def _set_override(data: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: override {dotted}: {k} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a recipe YAML (or only defaults when ``recipe`` is None), apply ``key=value``
+    overrides (values parsed as YAML), validate, and return the config."""
+    source = str(recipe) if recipe is not None else "<defaults>"
+    data: dict = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"{source}: recipe file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a recipe is a mapping of sections, got {type(data).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        _set_override(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None, source)
+    config = _build(Config(), data, "", source)
+    validate(config, source)
+    return config
+
+
+# ---------------------------------------------------------------------------------------
+# Combinations and files
+
+
+def _fail(source: str, key: str, message: str) -> None:
+    raise ConfigError(f"{source}: {key}: {message}")
+
+
+def _local_or_hub(path: str) -> Path | None:
+    """The local directory `path` names, or None when it reads as a hub id (org/name)."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not p.suffix
+    return None if looks_like_hub_id else p
+
+
+def teacher_scheduler_config(path: str, revision: str | None = None) -> dict | None:
+    """The teacher's scheduler config read from a local directory (no weights), else None."""
+    local = _local_or_hub(path)
+    if local is None:
+        return None
+    candidate = local / "scheduler" / "scheduler_config.json"
+    return json.loads(candidate.read_text()) if candidate.is_file() else None
+
+
+def validate(config: Config, source: str) -> None:
+    """Check value ranges, combinations and the files the config names."""
+    positive = {
+        "data.batch_size": config.data.batch_size,
+        "train.max_steps": config.train.max_steps,
+        "train.gradient_accumulation_steps": config.train.gradient_accumulation_steps,
+        "train.checkpoint_every": config.train.checkpoint_every,
+        "train.keep_checkpoints": config.train.keep_checkpoints,
+        "train.log_every": config.train.log_every,
+        "method.fake_score_updates": config.method.fake_score_updates,
+        "optim.student.lr": config.optim.student.lr,
+        "optim.critic.lr": config.optim.critic.lr,
+        "eval.num_samples": config.eval.num_samples,
+        "eval.batch_size": config.eval.batch_size,
+        "train.num_grid_samples": config.train.num_grid_samples,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            _fail(source, key, f"must be positive, got {value}")
+    for key, value in {
+        "train.sample_every": config.train.sample_every,
+        "train.max_grad_norm": config.train.max_grad_norm,
+        "method.gan_weight": config.method.gan_weight,
+        "method.dmd_weight": config.method.dmd_weight,
+        "method.r1.weight": config.method.r1.weight,
+        "teacher.guidance_scale": config.teacher.guidance_scale,
+    }.items():
+        if value < 0:
+            _fail(source, key, f"must not be negative, got {value}")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        _fail(source, "train.ema_decay", f"must be in [0, 1), got {config.train.ema_decay}")
+    for name in ("student", "critic"):
+        betas = getattr(config.optim, name).betas
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            _fail(source, f"optim.{name}.betas", f"must be two numbers in [0, 1), got {betas}")
+    if config.train.max_minutes is not None and config.train.max_minutes <= 0:
+        _fail(source, "train.max_minutes", f"must be positive, got {config.train.max_minutes}")
+
+    ts = config.student.timesteps
+    if not ts:
+        _fail(source, "student.timesteps", "needs at least one timestep")
+    if min(ts) < 1:
+        _fail(source, "student.timesteps", f"timesteps must be at least 1 (t=0 is the clean image), got {ts}")
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        _fail(source, "student.timesteps", f"must be strictly descending, got {ts}")
+    if not 0 <= config.method.t_min < config.method.t_max:
+        _fail(source, "method.t_min", f"need 0 <= t_min < t_max, got {config.method.t_min} and {config.method.t_max}")
+    if config.method.r1.kind != "none" and config.method.gan_weight == 0:
+        _fail(source, "method.r1.kind", f"{config.method.r1.kind!r} regularises the GAN discriminator, but method.gan_weight is 0")
+    if config.method.r1.kind == "approximated" and config.method.r1.sigma <= 0:
+        _fail(source, "method.r1.sigma", f"must be positive, got {config.method.r1.sigma}")
+
+    local = _local_or_hub(config.teacher.path)
+    if local is not None and not (local / "model_index.json").is_file():
+        where = "does not exist" if not local.exists() else "has no model_index.json"
+        _fail(source, "teacher.path", f"{local.resolve()} {where} (give a diffusers pipeline directory or a hub id)")
+    scheduler = teacher_scheduler_config(config.teacher.path, config.teacher.revision)
+    if scheduler is not None:
+        num_train = scheduler.get("num_train_timesteps", 1000)
+        for key, value in (("student.timesteps", max(ts)), ("method.t_max", config.method.t_max)):
+            if value >= num_train:
+                _fail(source, key, f"{value} is beyond the teacher's {num_train} training timesteps")
+        from distill.export import few_step_scheduler
+
+        try:
+            few_step_scheduler(scheduler, ts)
+        except ValueError as err:
+            _fail(source, "student.timesteps", str(err))
+    if config.eval.classifier is not None:
+        local = _local_or_hub(config.eval.classifier)
+        if local is not None and not (local / "config.json").is_file():
+            _fail(source, "eval.classifier", f"{local.resolve()} has no config.json (give a classifier directory or a hub id)")
+    if config.resume not in (None, "latest") and not Path(config.resume).is_dir():
+        _fail(source, "resume", f"checkpoint directory {Path(config.resume).resolve()} does not exist")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (loadable again with ``load``)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(key, help, default) for every field, for `distill validate --help-keys`."""
+    rows = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(type(value), f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", f.metadata.get("help", ""), value))
+    return rows

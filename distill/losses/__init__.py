@@ -1,0 +1,24 @@
+"""Loss functions for diffusion distillation (DMD2, ADD/APT).
+
+Every loss is a pure function: tensors in, ``(loss, logs)`` out, where ``loss`` is a
+scalar tensor carrying grad and ``logs`` maps names to detached scalar tensors.
+"""
+
+from distill.losses.adversarial import (
+    ADVERSARIAL_LOSSES,
+    discriminator_adversarial_loss,
+    generator_adversarial_loss,
+)
+from distill.losses.dmd import denoising_loss, dmd_loss
+from distill.losses.r1 import approximated_r1_penalty, r1_penalty, r2_penalty
+
+__all__ = [
+    "ADVERSARIAL_LOSSES",
+    "approximated_r1_penalty",
+    "denoising_loss",
+    "discriminator_adversarial_loss",
+    "dmd_loss",
+    "generator_adversarial_loss",
+    "r1_penalty",
+    "r2_penalty",
+]

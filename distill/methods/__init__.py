@@ -1,0 +1,5 @@
+"""Distillation methods: how losses compose into a generator phase and a critic phase."""
+
+from distill.methods.dmd2 import DMD2, Critic
+
+__all__ = ["DMD2", "Critic"]

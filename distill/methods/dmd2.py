@@ -1,0 +1,199 @@
+"""DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis").
+
+Generator phase: distribution matching (DMD, Yin et al. 2023, eq. 7) between the frozen
+teacher with guidance (real score) and an online fake score, plus an optional GAN term
+from a head on the fake score's bottleneck. Critic phase: the fake score's denoising loss
+on student samples, the head's discriminator loss on noised real and student samples, and
+an optional R1 (exact, or approximated as in APT, Lin et al. 2025). The trainer runs
+``fake_score_updates`` critic phases per generator phase (two time-scale update rule).
+
+Every random draw comes from the ``generator`` argument, so a step is reproducible.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from distill.losses import (
+    approximated_r1_penalty,
+    denoising_loss,
+    discriminator_adversarial_loss,
+    dmd_loss,
+    generator_adversarial_loss,
+    r1_penalty,
+)
+from distill.students import FewStepSampler
+from distill.teachers import Teacher, cat_conditions
+
+
+class Critic(nn.Module):
+    """The fake score network, plus an optional GAN head on its bottleneck features.
+
+    One forward returns both, so DDP sees a single forward per backward.
+    """
+
+    def __init__(self, denoiser: nn.Module, teacher: Teacher, head: nn.Module | None = None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.head = head
+        self._teacher = teacher  # adapter: how to call the denoiser and find its bottleneck
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], with_logits: bool = False):
+        """(model output [B, C, H, W], logits [B] or None)."""
+        if not with_logits:
+            return self._teacher.output(self.denoiser, x_t, t, cond), None
+        if self.head is None:
+            raise ValueError("this critic has no GAN head (method.gan_weight is 0)")
+        captured = {}
+        hook = self._teacher.bottleneck(self.denoiser).register_forward_hook(
+            lambda module, args, output: captured.__setitem__("features", output)
+        )
+        try:
+            output = self._teacher.output(self.denoiser, x_t, t, cond)
+        finally:
+            hook.remove()
+        return output, self.head(captured["features"], self._teacher.head_condition(cond))
+
+
+def _to(cond: dict[str, Tensor], device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+class DMD2:
+    def __init__(
+        self,
+        *,
+        teacher: Teacher,
+        sampler: FewStepSampler,
+        guidance_scale: float,
+        dmd_weight: float,
+        gan_weight: float,
+        critic_gan_weight: float,
+        gan_loss: str,
+        t_min: int,
+        t_max: int,
+        r1_kind: str,
+        r1_weight: float,
+        r1_sigma: float,
+        backward_simulation: bool,
+    ):
+        self.teacher, self.sampler = teacher, sampler
+        self.schedule = teacher.schedule
+        self.guidance_scale = guidance_scale
+        self.dmd_weight, self.gan_weight, self.critic_gan_weight = dmd_weight, gan_weight, critic_gan_weight
+        self.gan_loss = gan_loss
+        self.t_min, self.t_max = t_min, t_max
+        self.r1_kind, self.r1_weight, self.r1_sigma = r1_kind, r1_weight, r1_sigma
+        self.backward_simulation = backward_simulation
+
+    @property
+    def uses_gan(self) -> bool:
+        return self.gan_weight > 0
+
+    @property
+    def needs_real_images(self) -> bool:
+        return self.uses_gan or (len(self.sampler) > 1 and not self.backward_simulation)
+
+    # ------------------------------------------------------------------------------------
+    def _randn(self, like: Tensor, generator: torch.Generator) -> Tensor:
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+
+    def _timesteps(self, n: int, generator: torch.Generator, device) -> Tensor:
+        return self.schedule.sample_timesteps(n, generator=generator, t_min=self.t_min, t_max=self.t_max, device=device)
+
+    def _real_x0(self, batch: dict, device) -> Tensor:
+        return self.teacher.encode_images(batch["image"].to(device))
+
+    def student_x0(self, student: nn.Module, batch: dict, cond: dict, generator: torch.Generator, grad: bool) -> Tensor:
+        """x0 of the student at one of its steps, chosen at random; the step's input comes
+        from backward simulation (DMD2 §4.5) or, if that is off, from a noised real image."""
+        device = next(iter(cond.values())).device if cond else batch["image"].device
+        n = len(batch["class_label"]) if "class_label" in batch else len(batch["image"])
+        noise = torch.randn((n, *self.teacher.sample_shape), generator=generator).to(device)
+        k = int(torch.randint(0, len(self.sampler), (1,), generator=generator))
+        x0_fn = lambda x_t, t: self.teacher.x0(student, x_t, t, cond)
+        if self.backward_simulation or k == 0:
+            x_t = self.sampler.simulate(x0_fn, noise, k, generator)
+        else:
+            x_t = self.schedule.add_noise(self._real_x0(batch, device), noise, self.sampler.step_timestep(k, noise))
+        with nullcontext() if grad else torch.no_grad():
+            return x0_fn(x_t, self.sampler.step_timestep(k, x_t))
+
+    # ------------------------------------------------------------------------------------
+    def generator_loss(self, student: nn.Module, critic: Critic, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
+        """Generator phase. ``student`` trains (a prepared module); ``critic`` is frozen."""
+        cond = _to(self.teacher.condition(batch), device)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        x0_student = self.student_x0(student, batch, cond, generator, grad=True)
+
+        t = self._timesteps(len(x0_student), generator, device)
+        noise = self._randn(x0_student, generator)
+        with torch.no_grad():
+            x_t = self.schedule.add_noise(x0_student.detach(), noise, t)
+            x0_real = self.teacher.x0(self.teacher.denoiser, x_t, t, cond, self.guidance_scale)
+            x0_fake = self.teacher.x0(critic.denoiser, x_t, t, cond)
+        loss_dmd, logs = dmd_loss(x0_student, x0_real, x0_fake)
+        loss = self.dmd_weight * loss_dmd
+
+        if self.uses_gan:
+            t_gan = self._timesteps(len(x0_student), generator, device)
+            x_t_fake = self.schedule.add_noise(x0_student, self._randn(x0_student, generator), t_gan)
+            _, logits_fake = critic(x_t_fake, t_gan, cond, with_logits=True)
+            logits_real = None
+            if self.gan_loss == "relativistic":
+                with torch.no_grad():
+                    x0 = self._real_x0(batch, device)
+                    x_t_real = self.schedule.add_noise(x0, self._randn(x0, generator), t_gan)
+                    _, logits_real = critic(x_t_real, t_gan, cond, with_logits=True)
+            loss_gan, gan_logs = generator_adversarial_loss(logits_fake, logits_real, kind=self.gan_loss)
+            loss = loss + self.gan_weight * loss_gan
+            logs.update(gan_logs)
+        logs["generator_loss"] = loss.detach()
+        logs["student_x0_abs_max"] = x0_student.detach().abs().amax()
+        return loss, logs
+
+    def critic_loss(self, student: nn.Module, critic: nn.Module, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
+        """Critic phase. ``critic`` trains (a prepared module); ``student`` only samples."""
+        cond = _to(self.teacher.condition(batch), device)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        x0_student = self.student_x0(student, batch, cond, generator, grad=False)
+        n = len(x0_student)
+        t = self._timesteps(n, generator, device)
+        noise = self._randn(x0_student, generator)
+        x_t = self.schedule.add_noise(x0_student, noise, t)
+        target = self.schedule.target(x0_student, noise, t, self.teacher.prediction_type)
+        if not self.uses_gan:
+            output, _ = critic(x_t, t, cond)
+            loss, logs = denoising_loss(output, target)
+            logs["critic_loss"] = loss.detach()
+            return loss, logs
+
+        x0_real = self._real_x0(batch, device)
+        t_real = self._timesteps(n, generator, device)
+        x_t_real = self.schedule.add_noise(x0_real, self._randn(x0_real, generator), t_real)
+        inputs, times, conds = [x_t, x_t_real], [t, t_real], [cond, cond]
+        if self.r1_kind == "approximated":
+            inputs.append(x_t_real + self.r1_sigma * self._randn(x_t_real, generator))
+            times.append(t_real)
+            conds.append(cond)
+        elif self.r1_kind == "exact":
+            x_t_real = x_t_real.detach().requires_grad_(True)
+            inputs[1] = x_t_real
+        output, logits = critic(torch.cat(inputs), torch.cat(times), cat_conditions(conds) if cond else {}, with_logits=True)
+        loss, logs = denoising_loss(output[:n], target)
+        logits_fake, logits_real = logits[:n], logits[n : 2 * n]
+        loss_d, d_logs = discriminator_adversarial_loss(logits_real, logits_fake, kind=self.gan_loss)
+        loss = loss + self.critic_gan_weight * loss_d
+        logs.update(d_logs)
+        if self.r1_kind == "approximated":
+            loss_r1, r1_logs = approximated_r1_penalty(logits_real, logits[2 * n :], self.r1_sigma)
+        elif self.r1_kind == "exact":
+            loss_r1, r1_logs = r1_penalty(logits_real, x_t_real)
+        if self.r1_kind != "none":
+            loss = loss + self.r1_weight * loss_r1
+            logs.update(r1_logs)
+        logs["critic_loss"] = loss.detach()
+        return loss, logs

@@ -1,0 +1,44 @@
+"""The teacher-adapter protocol: everything the algorithms may ask of a model family.
+
+Losses, methods, students and the trainer talk to a diffusers checkpoint only through
+this protocol; which family it is (pixel UNet, SD, SDXL, DiT, ...) stays inside the adapter.
+A *conditioning* is a dict of batch-first tensors that the adapter alone interprets.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+class Teacher(Protocol):
+    denoiser: nn.Module  # frozen teacher network; students and fake scores start as copies of it
+    schedule: object  # distill.schedules.DDPMSchedule | FlowSchedule
+    prediction_type: str  # epsilon | v_prediction | sample | flow, from the scheduler config
+    scheduler_config: dict  # the checkpoint's own scheduler config
+    sample_shape: tuple[int, ...]  # (C, H, W) of x0 in the space the denoiser works in
+
+    def condition(self, batch: dict) -> dict[str, Tensor]: ...
+
+    def random_condition(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]: ...
+
+    def null_condition(self, cond: dict[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def head_condition(self, cond: dict[str, Tensor]) -> Tensor | None: ...
+
+    def encode_images(self, images: Tensor) -> Tensor: ...
+
+    def decode(self, x0: Tensor) -> Tensor: ...
+
+    def output(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor: ...
+
+    def x0(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor: ...
+
+    def bottleneck(self, denoiser: nn.Module) -> nn.Module: ...
+
+
+def cat_conditions(conds: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Concatenate conditionings along the batch dimension (every value is batch-first)."""
+    return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}

@@ -1,0 +1,86 @@
+"""Adapter for diffusers pixel-space ``UNet2DModel`` checkpoints (DDPMPipeline layout).
+
+Unconditional or class-conditional. A class-conditional checkpoint reserves its last class
+embedding (index ``num_class_embeds - 1``) as the null class that classifier-free guidance
+uses; the digits teacher is trained with labels dropped to it.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from torch import Tensor, nn
+
+from distill.schedules import schedule_from_config
+
+
+class PixelUNetTeacher:
+    def __init__(self, unet: UNet2DModel, scheduler_config: dict):
+        self.denoiser = unet.requires_grad_(False).eval()
+        self.scheduler_config = dict(scheduler_config)
+        self.schedule = schedule_from_config(self.scheduler_config)
+        self.prediction_type = self.schedule.prediction_type
+        num_embeds = unet.config.num_class_embeds
+        self.num_classes = num_embeds - 1 if num_embeds else None
+        self.null_class = num_embeds - 1 if num_embeds else None
+        size = unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        self.sample_shape = (unet.config.in_channels, *size)
+
+    @classmethod
+    def from_pretrained(cls, path: str, revision: str | None = None) -> "PixelUNetTeacher":
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", revision=revision, use_safetensors=True)
+        scheduler_config = DDPMScheduler.load_config(  # the raw dict, whatever its class
+            path, subfolder="scheduler", revision=revision)
+        return cls(unet, scheduler_config)
+
+    # conditioning ---------------------------------------------------------------------
+    def condition(self, batch: dict) -> dict[str, Tensor]:
+        if self.num_classes is None:
+            return {}
+        return {"class_labels": batch["class_label"].long()}
+
+    def random_condition(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+        if self.num_classes is None:
+            return {}
+        return {"class_labels": torch.randint(0, self.num_classes, (batch_size,), generator=generator)}
+
+    def null_condition(self, cond: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.num_classes is None:
+            return cond
+        return {"class_labels": torch.full_like(cond["class_labels"], self.null_class)}
+
+    def head_condition(self, cond: dict[str, Tensor]) -> Tensor | None:
+        return cond.get("class_labels")
+
+    # data space -------------------------------------------------------------------------
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] -> x0 (pixel space: unchanged)."""
+        return images
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """x0 -> images in [0, 1] (as diffusers' pipelines output them)."""
+        return (x0 / 2 + 0.5).clamp(0, 1)
+
+    # the network --------------------------------------------------------------------------
+    def output(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """Raw model output [B, C, H, W] in the checkpoint's prediction type."""
+        t = t.expand(x_t.shape[0]) if t.dim() == 1 and t.numel() == 1 else t
+        return denoiser(x_t, t, class_labels=cond.get("class_labels")).sample
+
+    def x0(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor:
+        """x0 estimate; with ``guidance_scale != 1`` classifier-free guidance (Ho & Salimans 2022)
+        mixes conditional and null-class outputs in one batched call."""
+        if guidance_scale == 1.0 or self.num_classes is None:
+            return self.schedule.to_x0(self.output(denoiser, x_t, t, cond), x_t, t, self.prediction_type)
+        both = {"class_labels": torch.cat([cond["class_labels"], self.null_condition(cond)["class_labels"]])}
+        t2 = torch.cat([t, t]) if t.numel() > 1 else t
+        out_cond, out_null = self.output(denoiser, torch.cat([x_t, x_t]), t2, both).chunk(2)
+        guided = out_null + guidance_scale * (out_cond - out_null)
+        return self.schedule.to_x0(guided, x_t, t, self.prediction_type)
+
+    def bottleneck(self, denoiser: nn.Module) -> nn.Module:
+        return denoiser.mid_block
+
+    def bottleneck_channels(self) -> int:
+        return self.denoiser.config.block_out_channels[-1]

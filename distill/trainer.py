@@ -1,0 +1,396 @@
+"""The Accelerate training loop: setup -> train -> save / resume -> final scores.
+
+One *student step* is ``method.fake_score_updates`` critic updates followed by one
+generator update (DMD2's two time-scale rule); each update accumulates
+``train.gradient_accumulation_steps`` micro-batches. Micro-batch ``i`` of the run reads
+data batch ``i`` and draws all its randomness from ``step_generator(seed, i, rank)``, so a
+resumed run repeats the uninterrupted one exactly.
+
+Run directory::
+
+    config.yaml           the resolved recipe
+    losses.jsonl          one line of losses per logged step (main process)
+    logs/                 TensorBoard: losses, learning rates, sample grids
+    samples/step-N.png    sample grids of the EMA student (fixed noise and labels)
+    checkpoints/step-N/   accelerate state (models, optimizers, EMA, RNG, step) + student/
+    metrics.json          final scores
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from distill import config as config_lib
+from distill.config import Config
+from distill.data import DigitsDataset, EpochSampler, collate, step_generator
+from distill.discriminators import BottleneckHead
+from distill.evaluate import balanced_labels, load_classifier, score_images
+from distill.methods import DMD2, Critic
+from distill.students import FewStepSampler, make_student
+from distill.teachers import load_teacher
+
+CHECKPOINT_PREFIX = "step-"
+
+
+class TrainState:
+    """The loop's own resumable state; registered with Accelerate's checkpointing."""
+
+    def __init__(self):
+        self.step = 0
+        self.elapsed_seconds = 0.0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "elapsed_seconds": self.elapsed_seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.elapsed_seconds = float(state["elapsed_seconds"])
+
+
+def find_checkpoint(output_dir: str | Path, which: str = "latest") -> Path:
+    """The newest complete checkpoint of a run (``which='latest'``) or the directory given."""
+    if which != "latest":
+        path = Path(which)
+        if not (path / "student").is_dir():
+            raise FileNotFoundError(f"{path.resolve()} is not a distill checkpoint (no student/ inside)")
+        return path
+    root = Path(output_dir) / "checkpoints"
+    found = sorted(
+        (p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()),
+        key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]),
+    )
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {root.resolve()} (looked for {CHECKPOINT_PREFIX}<step>/ directories)")
+    return found[-1]
+
+
+def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
+    """[N, C, H, W] in [0, 1] -> one [C, rows*H, columns*W] grid (1-pixel gaps)."""
+    n, c, h, w = images.shape
+    rows = math.ceil(n / columns)
+    grid = torch.ones(c, rows * (h + 1) - 1, columns * (w + 1) - 1)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[:, r * (h + 1) : r * (h + 1) + h, col * (w + 1) : col * (w + 1) + w] = image
+    return grid
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None, scale: int = 4) -> None:
+    from PIL import Image
+
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    grid = image_grid(images.float().cpu(), columns)
+    grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+    array = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
+
+
+class DistillTrainer:
+    """``setup()``, then ``train()``; each ``_setup_x`` builds one thing."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+
+    # ---------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.config
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        set_seed(cfg.seed)
+        self.device = self.accelerator.device
+        self.teacher = self._setup_teacher()
+        self.sampler = FewStepSampler(cfg.student.timesteps, self.teacher.schedule)
+        self.method = self._setup_method()
+        student = make_student(self.teacher.denoiser)
+        critic = self._setup_critic()
+        optimizer_s, schedule_s = self._setup_optimizer(student.parameters(), cfg.optim.student)
+        optimizer_c, schedule_c = self._setup_optimizer(critic.parameters(), cfg.optim.critic)
+        (self.student, self.critic, self.optimizer_s, self.optimizer_c, self.lr_s, self.lr_c) = self.accelerator.prepare(
+            student, critic, optimizer_s, optimizer_c, schedule_s, schedule_c
+        )
+        self.ema = self._setup_ema()
+        self.state = TrainState()
+        self.accelerator.register_for_checkpointing(self.state)
+        self.dataset, self.data_order = self._setup_data()
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            config_lib.dump(cfg, self.output_dir / "config.yaml")
+        self.accelerator.init_trackers("distill", config=_flat(config_lib.to_dict(cfg)))
+
+    def _setup_teacher(self):
+        teacher = load_teacher(self.config.teacher.path, self.config.teacher.revision)
+        teacher.denoiser.to(self.device)
+        return teacher
+
+    def _setup_method(self) -> DMD2:
+        m = self.config.method
+        return DMD2(
+            teacher=self.teacher,
+            sampler=self.sampler,
+            guidance_scale=self.config.teacher.guidance_scale,
+            dmd_weight=m.dmd_weight,
+            gan_weight=m.gan_weight,
+            critic_gan_weight=m.critic_gan_weight,
+            gan_loss=m.gan_loss,
+            t_min=m.t_min,
+            t_max=m.t_max,
+            r1_kind=m.r1.kind,
+            r1_weight=m.r1.weight,
+            r1_sigma=m.r1.sigma,
+            backward_simulation=self.config.student.backward_simulation,
+        )
+
+    def _setup_critic(self) -> Critic:
+        head = None
+        if self.method.uses_gan:
+            head = BottleneckHead(self.teacher.bottleneck_channels(), num_classes=getattr(self.teacher, "num_classes", None))
+        return Critic(make_student(self.teacher.denoiser), self.teacher, head)
+
+    def _setup_optimizer(self, parameters, optim: config_lib.OptimizerConfig):
+        optimizer = torch.optim.AdamW(parameters, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        warmup = optim.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return optimizer, schedule
+
+    def _setup_ema(self) -> EMAModel | None:
+        if self.config.train.ema_decay == 0:
+            return None
+        student = self.accelerator.unwrap_model(self.student)
+        ema = EMAModel(student.parameters(), decay=self.config.train.ema_decay)
+        ema.to(self.device)
+        self.accelerator.register_for_checkpointing(ema)
+        return ema
+
+    def _setup_data(self):
+        dataset = DigitsDataset("train")
+        order = EpochSampler(
+            len(dataset),
+            self.config.data.batch_size,
+            seed=self.config.seed,
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+        )
+        return dataset, order
+
+    # ---------------------------------------------------------------------- loop
+    @property
+    def micro_batches_per_step(self) -> int:
+        return (self.config.method.fake_score_updates + 1) * self.config.train.gradient_accumulation_steps
+
+    def _update(self, model, optimizer, lr_schedule, loss_fn, first_micro_batch: int) -> dict:
+        """One optimizer update of ``model`` over ``gradient_accumulation_steps`` micro-batches."""
+        accumulation = self.config.train.gradient_accumulation_steps
+        logs: dict[str, torch.Tensor] = {}
+        for micro in range(accumulation):
+            index = first_micro_batch + micro
+            batch = collate(self.dataset, self.data_order.batch(index))
+            generator = step_generator(self.config.seed, index, self.accelerator.process_index)
+            sync = nullcontext() if micro == accumulation - 1 else self.accelerator.no_sync(model)
+            with sync, self.accelerator.autocast():
+                loss, micro_logs = loss_fn(batch, generator)
+            self.accelerator.backward(loss / accumulation)
+            for key, value in micro_logs.items():
+                logs[key] = logs.get(key, 0.0) + value.float() / accumulation
+        if self.config.train.max_grad_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(model.parameters(), self.config.train.max_grad_norm)
+            logs["grad_norm"] = torch.as_tensor(norm).detach().float()
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        return logs
+
+    def _train_step(self, step: int) -> dict:
+        student, critic = self.accelerator.unwrap_model(self.student), self.accelerator.unwrap_model(self.critic)
+        base = step * self.micro_batches_per_step
+        accumulation = self.config.train.gradient_accumulation_steps
+        logs = {}
+        critic.requires_grad_(True)
+        for update in range(self.config.method.fake_score_updates):
+            logs = self._update(
+                self.critic,
+                self.optimizer_c,
+                self.lr_c,
+                lambda batch, g: self.method.critic_loss(student, self.critic, batch, g, self.device),
+                base + update * accumulation,
+            )
+        logs = {f"critic/{k}": v for k, v in logs.items()}
+        critic.requires_grad_(False)
+        generator_logs = self._update(
+            self.student,
+            self.optimizer_s,
+            self.lr_s,
+            lambda batch, g: self.method.generator_loss(self.student, critic, batch, g, self.device),
+            base + self.config.method.fake_score_updates * accumulation,
+        )
+        logs.update({f"generator/{k}": v for k, v in generator_logs.items()})
+        if self.ema is not None:
+            self.ema.step(student.parameters())
+        return logs
+
+    def train(self) -> dict | None:
+        cfg = self.config
+        if cfg.resume is not None:
+            self._resume(cfg.resume)
+        accelerator = self.accelerator
+        progress = tqdm(
+            total=cfg.train.max_steps,
+            initial=self.state.step,
+            desc="distill",
+            disable=not accelerator.is_local_main_process,
+            dynamic_ncols=True,
+        )
+        started = time.time() - self.state.elapsed_seconds
+        stopped_early = False
+        while self.state.step < cfg.train.max_steps:
+            logs = self._train_step(self.state.step)
+            self.state.step += 1
+            self.state.elapsed_seconds = time.time() - started
+            step = self.state.step
+            progress.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                self._log(logs, step, progress)
+            if cfg.train.max_minutes is not None and accelerator.is_main_process and self.state.elapsed_seconds > cfg.train.max_minutes * 60:
+                accelerator.set_trigger()
+            stopped_early = accelerator.check_trigger() and step < cfg.train.max_steps
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or stopped_early:
+                self.save_checkpoint()
+            if cfg.train.sample_every and (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps or stopped_early):
+                self.write_samples(step)
+            if stopped_early:
+                accelerator.print(f"train.max_minutes={cfg.train.max_minutes} reached at step {step}; stopping")
+                break
+        progress.close()
+        metrics = self.final_scores()
+        accelerator.end_training()
+        return metrics
+
+    def _log(self, logs: dict, step: int, progress) -> None:
+        keys = sorted(logs)
+        values = torch.stack([torch.as_tensor(logs[k], device=self.device).float().reshape(()) for k in keys])
+        values = self.accelerator.reduce(values, reduction="mean")
+        scalars = {k: float(v) for k, v in zip(keys, values)}
+        scalars["lr/student"] = self.lr_s.get_last_lr()[0]
+        scalars["lr/critic"] = self.lr_c.get_last_lr()[0]
+        self.accelerator.log(scalars, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "losses.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+            progress.set_postfix(
+                dmd=f"{scalars.get('generator/dmd_loss', float('nan')):.4f}",
+                fake=f"{scalars.get('critic/denoising_loss', float('nan')):.4f}",
+            )
+
+    # ---------------------------------------------------------------------- checkpoints
+    def eval_student(self) -> torch.nn.Module:
+        """A copy of the student holding the EMA weights (or the raw weights without EMA)."""
+        student = copy.deepcopy(self.accelerator.unwrap_model(self.student)).eval().requires_grad_(False)
+        if self.ema is not None:
+            self.ema.copy_to(student.parameters())
+        return student
+
+    def save_checkpoint(self) -> Path:
+        """Accelerate state plus ``student/`` (diffusers format, EMA weights), written to a
+        temporary directory and renamed, so the newest complete checkpoint always loads."""
+        accelerator = self.accelerator
+        root = self.output_dir / "checkpoints"
+        final = root / f"{CHECKPOINT_PREFIX}{self.state.step:06d}"
+        partial = root / f".partial-{CHECKPOINT_PREFIX}{self.state.step:06d}"
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        if accelerator.is_main_process:
+            self.eval_student().save_pretrained(partial / "student", safe_serialization=True)
+            (partial / "distill.json").write_text(
+                json.dumps({"step": self.state.step, "timesteps": self.sampler.timesteps, "teacher": self.config.teacher.path})
+            )
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            kept = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+            for old in kept[: -self.config.train.keep_checkpoints]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _resume(self, which: str) -> None:
+        checkpoint = find_checkpoint(self.output_dir, which)
+        self.accelerator.load_state(str(checkpoint))
+        self.accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
+        losses = self.output_dir / "losses.jsonl"
+        if self.accelerator.is_main_process and losses.is_file():  # drop what the lost steps logged
+            rows = [line for line in losses.read_text().splitlines() if json.loads(line)["step"] <= self.state.step]
+            losses.write_text("".join(row + "\n" for row in rows))
+
+    # ---------------------------------------------------------------------- samples and scores
+    def generate(self, student: torch.nn.Module, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``num`` samples (images in [0, 1]) with balanced class labels, from a fixed seed."""
+        return generate(self.teacher, student, self.sampler, num, seed, self.config.eval.batch_size, self.device)
+
+    def write_samples(self, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        images, _ = self.generate(self.eval_student(), self.config.train.num_grid_samples, seed=self.config.seed)
+        path = self.output_dir / "samples" / f"step-{step:06d}.png"
+        save_grid(images, path)
+        tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        columns = math.ceil(math.sqrt(len(images)))
+        tracker.add_image("samples", image_grid(images.float().cpu(), columns), global_step=step)
+
+    def final_scores(self) -> dict | None:
+        if not self.accelerator.is_main_process or self.config.eval.classifier is None:
+            return None
+        classifier = load_classifier(self.config.eval.classifier).to(self.device)
+        student = self.eval_student()
+        images, labels = self.generate(student, self.config.eval.num_samples, seed=self.config.seed + 1)
+        reference = (DigitsDataset("train").images + 1) / 2
+        metrics = score_images(images, labels, reference.to(self.device), classifier)
+        metrics.update(step=self.state.step, steps=len(self.sampler), timesteps=self.sampler.timesteps,
+                       train_minutes=round(self.state.elapsed_seconds / 60, 2))
+        (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        self.accelerator.print(f"scores of the {len(self.sampler)}-step student: {json.dumps(metrics)}")
+        return metrics
+
+
+@torch.no_grad()
+def generate(teacher, student, sampler: FewStepSampler, num: int, seed: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images in [0, 1] [num, C, H, W] from the student's few-step sampler, and their class
+    labels (balanced), drawn with one CPU generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = balanced_labels(num, getattr(teacher, "num_classes", None))
+    chunks = []
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
+        cond = teacher.condition({"class_label": labels[start : start + n]}) if labels is not None else {}
+        cond = {k: v.to(device) for k, v in cond.items()}
+        noise = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
+        x0 = sampler.sample(lambda x_t, t: teacher.x0(student, x_t, t, cond), noise, generator)
+        chunks.append(teacher.decode(x0).float().cpu())
+    return torch.cat(chunks), labels
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Flatten nested config dicts for TensorBoard's hparams (lists become strings)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value) if isinstance(value, (list, type(None))) else value
+    return flat

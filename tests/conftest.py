@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny models built after a seed, saved to temporary directories, and
+loaded back through the real loaders. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_tiny_teacher(path: Path, num_class_embeds: int | None = 11, prediction_type: str = "epsilon") -> Path:
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=num_class_embeds,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_classifier(path: Path) -> Path:
+    from distill.evaluate import DigitsClassifier
+
+    torch.manual_seed(0)
+    DigitsClassifier(width=4).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    return build_tiny_teacher(tmp_path_factory.mktemp("tiny") / "teacher")
+
+
+@pytest.fixture(scope="session")
+def tiny_uncond_teacher(tmp_path_factory) -> Path:
+    return build_tiny_teacher(tmp_path_factory.mktemp("tiny") / "uncond-teacher", num_class_embeds=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    return build_tiny_classifier(tmp_path_factory.mktemp("tiny") / "classifier")
+
+
+def tiny_overrides(teacher: Path, classifier: Path | None, output_dir: Path, **extra) -> list[str]:
+    """Overrides that turn any digits recipe into a seconds-long run on the tiny models."""
+    values = {
+        "teacher.path": str(teacher),
+        "eval.classifier": str(classifier) if classifier else "null",
+        "eval.num_samples": 40,
+        "eval.batch_size": 20,
+        "output_dir": str(output_dir),
+        "data.batch_size": 4,
+        "train.max_steps": 2,
+        "train.checkpoint_every": 1,
+        "train.sample_every": 1,
+        "train.num_grid_samples": 4,
+        "train.log_every": 1,
+        "train.max_minutes": "null",
+        "method.fake_score_updates": 1,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
