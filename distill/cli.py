@@ -11,6 +11,10 @@ from distill import config as config_lib
 
 
 def _validate(args) -> None:
+    if args.keys:
+        for key, help, default in config_lib.describe():
+            print(f"{key} = {default!r}\n    {help}")
+        return
     config = config_lib.load(args.recipe, args.overrides)
     if args.print:
         import yaml
@@ -96,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--print", action="store_true", help="print the resolved config")
+    p.add_argument("--keys", action="store_true", help="list every recipe key with its default and help, then exit")
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("export", help="write a run's student as a diffusers pipeline directory")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -123,6 +124,7 @@ class EvalConfig:
         "classifier (hub id or local dir) whose features score samples: Fréchet distance and class accuracy",
     )
     num_samples: int = _field(2000, "samples generated for the final scores")
+    every: int = _field(0, "score the EMA student every N student steps during training and log it (0: only at the end)")
     batch_size: int = _field(500, "generation batch for scoring")
 
 
@@ -199,13 +201,15 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
         raise bad
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{source}: {key}: must be a finite number, got {value!r}")
+            return float(value)
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -228,6 +232,7 @@ def _build(base: Any, data: dict, prefix: str, source: str) -> Any:
     for k, v in data.items():
         default = getattr(base, k)
         if dataclasses.is_dataclass(default):
+            v = {} if v is None else v  # a section whose keys are all commented out
             if not isinstance(v, dict):
                 raise ConfigError(f"{source}: {prefix}{k}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(default))}, got {v!r}")
             values[k] = _build(default, v, f"{prefix}{k}.", source)
@@ -319,6 +324,7 @@ def validate(config: Config, source: str) -> None:
             _fail(source, key, f"must be positive, got {value}")
     for key, value in {
         "train.sample_every": config.train.sample_every,
+        "eval.every": config.eval.every,
         "train.max_grad_norm": config.train.max_grad_norm,
         "method.gan_weight": config.method.gan_weight,
         "method.dmd_weight": config.method.dmd_weight,
@@ -383,14 +389,14 @@ def dump(config: Config, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(key, help, default) for every field, for `distill validate --help-keys`."""
+def describe(defaults: Any = None, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(key, help, default) for every field, for `distill validate --keys`."""
+    defaults = Config() if defaults is None else defaults
     rows = []
-    defaults = cls()
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(defaults):
         value = getattr(defaults, f.name)
         if dataclasses.is_dataclass(value):
-            rows += describe(type(value), f"{prefix}{f.name}.")
+            rows += describe(value, f"{prefix}{f.name}.")
         else:
             rows.append((f"{prefix}{f.name}", f.metadata.get("help", ""), value))
     return rows

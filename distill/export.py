@@ -121,7 +121,7 @@ tags: [distill, {method['name']}, few-step]
 ---
 # {n}-step student distilled from `{teacher}`
 
-Distilled with [distill](https://github.com/) by {method['name'].upper()} (recipe below, checkpoint `{checkpoint}`).
+Distilled with distill by {method['name'].upper()} (recipe below, checkpoint `{checkpoint}`).
 
 | | |
 |---|---|

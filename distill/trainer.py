@@ -273,6 +273,8 @@ class DistillTrainer:
                 self.save_checkpoint()
             if cfg.train.sample_every and (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps or stopped_early):
                 self.write_samples(step)
+            if cfg.eval.every and step % cfg.eval.every == 0 and cfg.eval.classifier is not None:
+                self._log_scores(step)
             if stopped_early:
                 accelerator.print(f"train.max_minutes={cfg.train.max_minutes} reached at step {step}; stopping")
                 break
@@ -353,14 +355,26 @@ class DistillTrainer:
         columns = math.ceil(math.sqrt(len(images)))
         tracker.add_image("samples", image_grid(images.float().cpu(), columns), global_step=step)
 
+    def scores(self) -> dict:
+        """Scores of the EMA student on ``eval.num_samples`` samples (fixed seed)."""
+        if not hasattr(self, "_classifier"):
+            self._classifier = load_classifier(self.config.eval.classifier).to(self.device)
+            self._reference = ((DigitsDataset("train").images + 1) / 2).to(self.device)
+        images, labels = self.generate(self.eval_student(), self.config.eval.num_samples, seed=self.config.seed + 1)
+        return score_images(images, labels, self._reference, self._classifier)
+
+    def _log_scores(self, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        metrics = self.scores()
+        self.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "num_samples"}, step=step)
+        with open(self.output_dir / "scores.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "minutes": round(self.state.elapsed_seconds / 60, 2), **metrics}) + "\n")
+
     def final_scores(self) -> dict | None:
         if not self.accelerator.is_main_process or self.config.eval.classifier is None:
             return None
-        classifier = load_classifier(self.config.eval.classifier).to(self.device)
-        student = self.eval_student()
-        images, labels = self.generate(student, self.config.eval.num_samples, seed=self.config.seed + 1)
-        reference = (DigitsDataset("train").images + 1) / 2
-        metrics = score_images(images, labels, reference.to(self.device), classifier)
+        metrics = self.scores()
         metrics.update(step=self.state.step, steps=len(self.sampler), timesteps=self.sampler.timesteps,
                        train_minutes=round(self.state.elapsed_seconds / 60, 2))
         (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
