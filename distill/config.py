@@ -380,6 +380,13 @@ def validate(config: Config, source: str) -> None:
         _fail(source, "resume", f"checkpoint directory {Path(config.resume).resolve()} does not exist")
 
 
+def check_output_dir(config: Config, source: str) -> None:
+    """A new run must not write into another run's directory (it would mix their logs)."""
+    if config.resume is None and any((Path(config.output_dir) / "checkpoints").glob("step-*")):
+        _fail(source, "output_dir", f"{Path(config.output_dir).resolve()} already holds a run; "
+              "continue it with resume=latest or choose another output_dir")
+
+
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(__doc__)
         return None
     config = config_lib.load(argv[0], argv[1:])  # every recipe error surfaces here, before any weights load
+    config_lib.check_output_dir(config, argv[0])
     from distill.trainer import DistillTrainer
 
     trainer = DistillTrainer(config)

@@ -335,10 +335,11 @@ class DistillTrainer:
         checkpoint = find_checkpoint(self.output_dir, which)
         self.accelerator.load_state(str(checkpoint))
         self.accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
-        losses = self.output_dir / "losses.jsonl"
-        if self.accelerator.is_main_process and losses.is_file():  # drop what the lost steps logged
-            rows = [line for line in losses.read_text().splitlines() if json.loads(line)["step"] <= self.state.step]
-            losses.write_text("".join(row + "\n" for row in rows))
+        for log in ("losses.jsonl", "scores.jsonl"):  # drop what the lost steps logged
+            path = self.output_dir / log
+            if self.accelerator.is_main_process and path.is_file():
+                rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.state.step]
+                path.write_text("".join(row + "\n" for row in rows))
 
     # ---------------------------------------------------------------------- samples and scores
     def generate(self, student: torch.nn.Module, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:

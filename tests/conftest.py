@@ -78,3 +78,14 @@ def tiny_overrides(teacher: Path, classifier: Path | None, output_dir: Path, **e
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide state (mixed precision, ...); each in-process run
+    of the trainer starts from a clean one, as a new `accelerate launch` would."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

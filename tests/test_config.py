@@ -304,7 +304,7 @@ def test_describe_covers_every_leaf_key():
     assert rows["student.timesteps"][1] == [500]
     assert all(help for help, _ in rows.values())
     assert "teacher" not in rows  # sections are not leaves
-    assert len(rows) == 45
+    assert len(rows) == 44
 
 
 def test_describe_reports_the_real_defaults():

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distill.losses import (
     approximated_r1_penalty,
@@ -182,7 +183,10 @@ class DMD2:
         elif self.r1_kind == "exact":
             x_t_real = x_t_real.detach().requires_grad_(True)
             inputs[1] = x_t_real
-        output, logits = critic(torch.cat(inputs), torch.cat(times), cat_conditions(conds) if cond else {}, with_logits=True)
+        # Exact R1 differentiates twice; PyTorch's fused attention kernels have no double backward.
+        attention = sdpa_kernel(SDPBackend.MATH) if self.r1_kind == "exact" else nullcontext()
+        with attention:
+            output, logits = critic(torch.cat(inputs), torch.cat(times), cat_conditions(conds) if cond else {}, with_logits=True)
         loss, logs = denoising_loss(output[:n], target)
         logits_fake, logits_real = logits[:n], logits[n : 2 * n]
         loss_d, d_logs = discriminator_adversarial_loss(logits_real, logits_fake, kind=self.gan_loss)
