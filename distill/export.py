@@ -113,7 +113,7 @@ def model_card(*, teacher, recipe, timesteps, scheduler, component, denoiser_cla
     score_rows = ""
     if metrics:
         score_rows = "\n## Measured scores\n\n| metric | value |\n|---|---|\n" + "".join(
-            f"| {k} | {v} |\n" for k, v in metrics.items()
+            f"| {k} | {v:.4g} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in metrics.items()
         )
     return f"""---
 library_name: diffusers
