@@ -96,7 +96,7 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest")
             scheduler=type(scheduler).__name__,
             component=component,
             denoiser_class=student_cls.__name__,
-            num_classes=getattr(teacher, "num_classes", None),
+            num_classes=teacher.num_classes,
             metrics=metrics,
             checkpoint=ckpt.name,
         )

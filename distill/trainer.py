@@ -160,7 +160,7 @@ class DistillTrainer:
     def _setup_critic(self) -> Critic:
         head = None
         if self.method.uses_gan:
-            head = BottleneckHead(self.teacher.bottleneck_channels(), num_classes=getattr(self.teacher, "num_classes", None))
+            head = BottleneckHead(self.teacher.bottleneck_channels(), num_classes=self.teacher.num_classes)
         return Critic(make_student(self.teacher.denoiser), self.teacher, head)
 
     def _setup_optimizer(self, parameters, optim: config_lib.OptimizerConfig):
@@ -388,7 +388,7 @@ def generate(teacher, student, sampler: FewStepSampler, num: int, seed: int, bat
     """Images in [0, 1] [num, C, H, W] from the student's few-step sampler, and their class
     labels (balanced), drawn with one CPU generator seeded with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
-    labels = balanced_labels(num, getattr(teacher, "num_classes", None))
+    labels = balanced_labels(num, teacher.num_classes)
     chunks = []
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)

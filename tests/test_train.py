@@ -140,3 +140,35 @@ def test_new_run_refuses_an_existing_run_directory(tiny_teacher, tmp_path, monke
 
     with pytest.raises(ConfigError, match=r"output_dir: .* already holds a run; continue it with resume=latest"):
         train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, None, run)])
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_good_checkpoint(tiny_teacher, tmp_path):
+    """SIGKILL a training process after a checkpoint; resume=latest then logs the same
+    losses as an uninterrupted run, step for step."""
+    import signal
+    import time
+
+    extra = {"train.max_steps": 10, "train.checkpoint_every": 2, "train.sample_every": 0, "train.keep_checkpoints": 3}
+    killed = tmp_path / "killed"
+    args = tiny_overrides(tiny_teacher, None, killed, **extra)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "distill.train", RECIPE_1STEP, *args], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-000004").is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert len(_losses(killed)) < 10
+    survivor = find_checkpoint(killed)
+    assert int(survivor.name.removeprefix("step-")) >= 4
+    train.main([RECIPE_1STEP, *args, "resume=latest"])
+
+    full = tmp_path / "full"
+    train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, None, full, **extra)])
+    a, b = _losses(full), _losses(killed)
+    assert [r["step"] for r in b] == list(range(1, 11))
+    for ra, rb in zip(a, b):
+        for key in ra:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)

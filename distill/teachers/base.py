@@ -19,6 +19,7 @@ class Teacher(Protocol):
     prediction_type: str  # epsilon | v_prediction | sample | flow, from the scheduler config
     scheduler_config: dict  # the checkpoint's own scheduler config
     sample_shape: tuple[int, ...]  # (C, H, W) of x0 in the space the denoiser works in
+    num_classes: int | None  # class-conditional checkpoints: real classes (without the null class)
 
     def condition(self, batch: dict) -> dict[str, Tensor]: ...
 
@@ -37,6 +38,8 @@ class Teacher(Protocol):
     def x0(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor: ...
 
     def bottleneck(self, denoiser: nn.Module) -> nn.Module: ...
+
+    def bottleneck_channels(self) -> int: ...
 
 
 def cat_conditions(conds: list[dict[str, Tensor]]) -> dict[str, Tensor]:
