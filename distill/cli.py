@@ -59,21 +59,18 @@ def _sample(args) -> None:
     elif (source / "model_index.json").is_file():
         from diffusers import DiffusionPipeline
 
+        from distill.evaluate import balanced_labels, sample_teacher
+        from distill.teachers import teacher_from_pipeline
+
         pipe = DiffusionPipeline.from_pretrained(source)
-        model = next(m for name, m in pipe.components.items() if name in ("unet", "transformer"))
+        exported = teacher_from_pipeline(pipe)  # the student, under its own few-step scheduler
         steps = args.steps or _default_steps(source)
         generator = torch.Generator().manual_seed(args.seed)
-        size = model.config.sample_size
-        x = torch.randn((args.num, model.config.in_channels, size, size), generator=generator)
-        labels = None
-        if getattr(model.config, "num_class_embeds", None):
-            labels = torch.arange(args.num) % (model.config.num_class_embeds - 1)
-        pipe.scheduler.set_timesteps(steps)
-        with torch.no_grad():
-            for t in pipe.scheduler.timesteps:
-                out = model(x, t, class_labels=labels).sample
-                x = pipe.scheduler.step(out, t, x, generator=generator).prev_sample
-        images = (x / 2 + 0.5).clamp(0, 1)
+        labels = balanced_labels(args.num, exported.num_classes)
+        cond = exported.condition({"class_label": labels}) if labels is not None else {}
+        noise = torch.randn((args.num, *exported.sample_shape), generator=generator)
+        x0 = sample_teacher(exported, type(pipe.scheduler), steps, noise, cond, generator=generator)
+        images = exported.decode(x0)
     else:
         raise SystemExit(f"distill sample: {source.resolve()} is neither a run directory (config.yaml) nor an export (model_index.json)")
     save_grid(images, args.out)

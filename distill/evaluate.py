@@ -102,12 +102,6 @@ def sample_teacher(teacher, scheduler_class, num_steps: int, noise: Tensor, cond
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
-        tt = t.expand(x.shape[0]).to(x.device)
-        if guidance_scale == 1.0:
-            out = teacher.output(teacher.denoiser, x_in, tt, cond)
-        else:
-            both = {k: torch.cat([v, teacher.null_condition(cond)[k]]) for k, v in cond.items()}
-            out_c, out_u = teacher.output(teacher.denoiser, torch.cat([x_in, x_in]), torch.cat([tt, tt]), both).chunk(2)
-            out = out_u + guidance_scale * (out_c - out_u)
+        out = teacher.guided_output(teacher.denoiser, x_in, t.expand(x.shape[0]).to(x.device), cond, guidance_scale)
         x = scheduler.step(out, t, x, generator=generator).prev_sample
     return x

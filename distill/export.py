@@ -71,13 +71,13 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest"):
 def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest") -> Path:
     """Write the run's student (EMA weights) as a diffusers pipeline directory with a
     few-step scheduler and a model card; returns ``out_dir``."""
-    from distill.teachers import load_teacher
+    from distill.teachers import teacher_from_pipeline
 
     config, ckpt = load_run(run_dir, checkpoint)
     teacher_path = config["teacher"]["path"]
     timesteps = config["student"]["timesteps"]
-    teacher = load_teacher(teacher_path, config["teacher"].get("revision"))
     pipe = DiffusionPipeline.from_pretrained(teacher_path, revision=config["teacher"].get("revision"), use_safetensors=True)
+    teacher = teacher_from_pipeline(pipe)
     student_cls = type(teacher.denoiser)
     student = student_cls.from_pretrained(ckpt / "student", use_safetensors=True)
     scheduler = few_step_scheduler(teacher.scheduler_config, timesteps)

@@ -33,13 +33,14 @@ class FewStepSampler:
     def __len__(self) -> int:
         return len(self.timesteps)
 
-    def _t(self, index: int, x: Tensor) -> Tensor:
+    def timestep(self, index: int, x: Tensor) -> Tensor:
+        """``timesteps[index]`` as a [B] tensor for the batch ``x``."""
         return torch.full((x.shape[0],), self.timesteps[index], dtype=torch.long, device=x.device)
 
     def renoise(self, x0: Tensor, index: int, generator: torch.Generator | None) -> Tensor:
         """x_t at ``timesteps[index]`` from x0 and a fresh draw of noise."""
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=generator.device if generator else None)
-        return self.schedule.add_noise(x0, noise.to(x0.device), self._t(index, x0))
+        return self.schedule.add_noise(x0, noise.to(x0.device), self.timestep(index, x0))
 
     def simulate(self, x0_fn: X0Fn, noise: Tensor, steps: int, generator: torch.Generator | None) -> Tensor:
         """Run the first ``steps`` steps without gradient; return the input of step ``steps``
@@ -47,15 +48,12 @@ class FewStepSampler:
         x_t = noise
         with torch.no_grad():
             for i in range(steps):
-                x_t = self.renoise(x0_fn(x_t, self._t(i, x_t)), i + 1, generator)
+                x_t = self.renoise(x0_fn(x_t, self.timestep(i, x_t)), i + 1, generator)
         return x_t
-
-    def step_timestep(self, index: int, x: Tensor) -> Tensor:
-        return self._t(index, x)
 
     @torch.no_grad()
     def sample(self, x0_fn: X0Fn, noise: Tensor, generator: torch.Generator | None, num_steps: int | None = None) -> Tensor:
         """x0 after ``num_steps`` (default: all) student steps from ``noise`` [B, C, H, W]."""
         steps = len(self.timesteps) if num_steps is None else num_steps
         x_t = self.simulate(x0_fn, noise, steps - 1, generator)
-        return x0_fn(x_t, self._t(steps - 1, x_t))
+        return x0_fn(x_t, self.timestep(steps - 1, x_t))

@@ -99,3 +99,24 @@ def test_example_program_imports_diffusers_not_distill(tiny_teacher, tiny_classi
     from PIL import Image
 
     assert Image.open(grid).size[0] > 8
+
+
+def test_cli_sample_of_an_export_equals_the_students_own_samples(tiny_teacher, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from distill.cli import main as cli
+    from distill.trainer import save_grid
+
+    run = _train(tiny_teacher, tmp_path / "run", "[999,749,499,249]")
+    out = export(run, tmp_path / "export")
+    cli(["sample", str(out), "--out", str(tmp_path / "cli.png"), "--num", "6", "--seed", "7"])
+
+    teacher = load_teacher(str(tiny_teacher))
+    student = type(teacher.denoiser).from_pretrained(find_checkpoint(run) / "student")
+    ours, _ = generate(teacher, student, FewStepSampler([999, 749, 499, 249], teacher.schedule), 6, 7, 6, "cpu")
+    save_grid(ours, tmp_path / "ours.png")
+    a = np.asarray(Image.open(tmp_path / "cli.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "ours.png"), dtype=np.int16)
+    assert a.shape == b.shape == ((2 * 9 - 1) * 4, (3 * 9 - 1) * 4)  # 6 images: 2 rows of 3
+    assert np.abs(a - b).max() <= 1  # equal up to uint8 rounding

@@ -119,9 +119,9 @@ class DMD2:
         if self.backward_simulation or k == 0:
             x_t = self.sampler.simulate(x0_fn, noise, k, generator)
         else:
-            x_t = self.schedule.add_noise(self._real_x0(batch, device), noise, self.sampler.step_timestep(k, noise))
+            x_t = self.schedule.add_noise(self._real_x0(batch, device), noise, self.sampler.timestep(k, noise))
         with nullcontext() if grad else torch.no_grad():
-            return x0_fn(x_t, self.sampler.step_timestep(k, x_t))
+            return x0_fn(x_t, self.sampler.timestep(k, x_t))
 
     # ------------------------------------------------------------------------------------
     def generator_loss(self, student: nn.Module, critic: Critic, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:

@@ -12,6 +12,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor, nn
 
 from distill.schedules import schedule_from_config
+from distill.teachers.base import cat_conditions
 
 
 class PixelUNetTeacher:
@@ -26,6 +27,11 @@ class PixelUNetTeacher:
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         self.sample_shape = (unet.config.in_channels, *size)
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> "PixelUNetTeacher":
+        """The adapter over an already loaded pipeline's ``unet`` and ``scheduler``."""
+        return cls(pipe.unet, {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__})
 
     @classmethod
     def from_pretrained(cls, path: str, revision: str | None = None) -> "PixelUNetTeacher":
@@ -68,16 +74,20 @@ class PixelUNetTeacher:
         t = t.expand(x_t.shape[0]) if t.dim() == 1 and t.numel() == 1 else t
         return denoiser(x_t, t, class_labels=cond.get("class_labels")).sample
 
-    def x0(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor:
-        """x0 estimate; with ``guidance_scale != 1`` classifier-free guidance (Ho & Salimans 2022)
-        mixes conditional and null-class outputs in one batched call."""
+    def guided_output(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float) -> Tensor:
+        """Model output with classifier-free guidance (Ho & Salimans 2022, eq. 6): conditional
+        and null-class outputs from one batched call, mixed by ``guidance_scale`` (1: none)."""
         if guidance_scale == 1.0 or self.num_classes is None:
-            return self.schedule.to_x0(self.output(denoiser, x_t, t, cond), x_t, t, self.prediction_type)
-        both = {"class_labels": torch.cat([cond["class_labels"], self.null_condition(cond)["class_labels"]])}
+            return self.output(denoiser, x_t, t, cond)
+        both = cat_conditions([cond, self.null_condition(cond)])
         t2 = torch.cat([t, t]) if t.numel() > 1 else t
         out_cond, out_null = self.output(denoiser, torch.cat([x_t, x_t]), t2, both).chunk(2)
-        guided = out_null + guidance_scale * (out_cond - out_null)
-        return self.schedule.to_x0(guided, x_t, t, self.prediction_type)
+        return out_null + guidance_scale * (out_cond - out_null)
+
+    def x0(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor:
+        """x0 estimate [B, C, H, W] from the (guided) model output."""
+        output = self.guided_output(denoiser, x_t, t, cond, guidance_scale)
+        return self.schedule.to_x0(output, x_t, t, self.prediction_type)
 
     def bottleneck(self, denoiser: nn.Module) -> nn.Module:
         return denoiser.mid_block
