@@ -1,9 +1,8 @@
-"""``distill train | export | sample | validate``."""
+"""``distill train | export | sample | eval | validate``."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -36,52 +35,82 @@ def _export(args) -> None:
     print(f"exported {args.run_dir} -> {out}")
 
 
+def _target(args, device):
+    """A run directory, an export, or (with --solver) a teacher pipeline, as evaluation targets."""
+    from distill import evaluate
+
+    source = Path(args.target)
+    if (source / "config.yaml").is_file():
+        if args.solver:
+            raise SystemExit(f"distill {args.command}: --solver samples a teacher pipeline; {source} is a run directory")
+        target, config = evaluate.run_target(source, args.checkpoint, args.steps, batch_size=args.batch_size, device=device)
+        return [target], config
+    if (source / "model_index.json").is_file() or (args.solver and not source.exists()):
+        if not args.solver:
+            return [evaluate.export_target(source, args.steps, batch_size=args.batch_size, device=device)], None
+        solvers = list(evaluate.SOLVER_NAMES) if args.solver == "all" else [args.solver]
+        steps = [args.steps] if args.steps else list(evaluate.BASELINE_STEPS)
+        return [
+            evaluate.teacher_target(str(args.target), solver, n, guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=device)
+            for n in steps for solver in solvers
+        ], None
+    raise FileNotFoundError(
+        f"{source.resolve()} is neither a run directory (config.yaml) nor a pipeline directory (model_index.json); "
+        "a teacher on the Hub needs --solver"
+    )
+
+
 def _sample(args) -> None:
-    """A grid from a run directory (its newest checkpoint) or from an export."""
+    """A grid from a run directory (its newest checkpoint), an export, or a teacher with --solver."""
+    from distill.trainer import save_grid
+
+    targets, _ = _target(args, "cpu")
+    images, _ = targets[0].generate(args.num, args.seed)
+    save_grid(images, args.out)
+    print(f"wrote {args.out} ({args.num} samples, {targets[0].steps} steps)")
+
+
+def _eval(args) -> None:
+    """Scores, speed, a markdown table and a sample grid for each target."""
+    import json
+
     import torch
 
-    from distill.trainer import generate, save_grid
+    from distill import evaluate
+    from distill.trainer import save_grid, scorer_from_config
 
-    source = Path(args.source)
-    if (source / "config.yaml").is_file():
-        from distill.export import load_run
-        from distill.students import FewStepSampler
-        from distill.teachers import load_teacher
-
-        config, checkpoint = load_run(source)
-        teacher = load_teacher(config["teacher"]["path"], config["teacher"].get("revision"))
-        student = type(teacher.denoiser).from_pretrained(checkpoint / "student", use_safetensors=True).eval()
-        sampler = FewStepSampler(config["student"]["timesteps"], teacher.schedule)
-        steps = args.steps or len(sampler)
-        if steps != len(sampler):
-            sampler = FewStepSampler(sampler.timesteps[:steps], teacher.schedule)
-        images, _ = generate(teacher, student, sampler, args.num, args.seed, args.num, "cpu")
-    elif (source / "model_index.json").is_file():
-        from diffusers import DiffusionPipeline
-
-        from distill.evaluate import balanced_labels, sample_teacher
-        from distill.teachers import teacher_from_pipeline
-
-        pipe = DiffusionPipeline.from_pretrained(source)
-        exported = teacher_from_pipeline(pipe)  # the student, under its own few-step scheduler
-        steps = args.steps or _default_steps(source)
-        generator = torch.Generator().manual_seed(args.seed)
-        labels = balanced_labels(args.num, exported.num_classes)
-        cond = exported.condition({"class_label": labels}) if labels is not None else {}
-        noise = torch.randn((args.num, *exported.sample_shape), generator=generator)
-        x0 = sample_teacher(exported, type(pipe.scheduler), steps, noise, cond, generator=generator)
-        images = exported.decode(x0)
-    else:
-        raise SystemExit(f"distill sample: {source.resolve()} is neither a run directory (config.yaml) nor an export (model_index.json)")
-    save_grid(images, args.out)
-    print(f"wrote {args.out} ({args.num} samples, {steps} steps)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    targets, run_config = _target(args, device)
+    overrides = [f"{key}={value}" for key, value in (("eval.num_samples", args.num), ("eval.features", args.features),
+                                                     ("eval.classifier", args.classifier), ("eval.dinov2", args.dinov2),
+                                                     ("eval.cache_dir", args.cache_dir)) if value is not None]
+    if run_config is not None:  # the run's own eval settings, then the command line's
+        overrides = [f"{k}={json.dumps(v)}" for k, v in _flat_eval(run_config)] + overrides
+    config = config_lib.load_eval(overrides, source=f"distill eval {args.target}")
+    scorer = scorer_from_config(config.eval, config.data.dataset, device)
+    out = Path(args.out or (Path(args.target) / "eval" if run_config is not None else Path("eval") / Path(args.target).name))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for target in targets:
+        images, labels = target.generate(config.eval.num_samples, args.seed)
+        row = {"name": target.name, "steps": target.steps, **scorer(images, labels)}
+        if not args.no_speed:
+            row.update(evaluate.measure_speed(target.generate, batch_size=config.eval.batch_size, device=device))
+        rows.append(row)
+        slug = target.name.replace(", ", "-").replace(" ", "_").replace("(", "").replace(")", "").replace("/", "_")
+        save_grid(images[:64], out / f"grid-{slug}.png")
+        print(json.dumps(row), flush=True)
+    table = evaluate.markdown_table(rows, config.eval.features)
+    (out / "metrics.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "metrics.md").write_text(table)
+    print("\n" + table + f"\nwrote {out}/metrics.json, metrics.md and sample grids")
 
 
-def _default_steps(export_dir: Path) -> int:
-    import yaml
-
-    recipe = export_dir / "distill_recipe.yaml"
-    return len(yaml.safe_load(recipe.read_text())["student"]["timesteps"]) if recipe.is_file() else 1
+def _flat_eval(config: dict):
+    """The eval and data sections of a run's resolved config, as (dotted key, value)."""
+    for section in ("eval", "data"):
+        for key, value in config.get(section, {}).items():
+            yield f"{section}.{key}", value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,13 +135,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint directory")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("sample", help="draw a sample grid from a run directory or an export")
-    p.add_argument("source", help="run directory or exported pipeline directory")
-    p.add_argument("--out", default="samples.png")
-    p.add_argument("--num", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the student's)")
-    p.set_defaults(func=_sample)
+    for name, help in (("sample", "draw a sample grid"), ("eval", "score samples: FD, KID, precision/recall, class accuracy, speed")):
+        p = sub.add_parser(name, help=f"{help} from a run directory, an export, or a teacher with --solver")
+        p.add_argument("target", help="run directory, exported pipeline directory, or teacher (local dir or hub id) with --solver")
+        p.add_argument("--checkpoint", default="latest", help="for a run: 'latest', 'best' or a checkpoint directory")
+        p.add_argument("--steps", type=int, default=None,
+                       help="sampling steps (default: the student's; with --solver and eval: 1, 2, 4, 8, 25 and 50)")
+        p.add_argument("--solver", choices=["ddim", "dpmsolver++", "all"], default=None,
+                       help="sample the target as a teacher with this stock diffusers solver (all: both)")
+        p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance for --solver")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--batch-size", type=int, default=500)
+        if name == "sample":
+            p.add_argument("--out", default="samples.png")
+            p.add_argument("--num", type=int, default=64)
+            p.set_defaults(func=_sample)
+        else:
+            p.add_argument("--out", default=None, help="output directory (default: RUN/eval, else eval/<target name>)")
+            p.add_argument("--num", type=int, default=None, help="samples per target (default: eval.num_samples)")
+            p.add_argument("--features", default=None, help="feature spaces, e.g. [classifier,dinov2] (default: eval.features)")
+            p.add_argument("--classifier", default=None, help="scoring classifier (default: eval.classifier)")
+            p.add_argument("--dinov2", default=None, help="DINOv2 checkpoint for the dinov2 features (default: eval.dinov2)")
+            p.add_argument("--cache-dir", default=None, help="reference-feature cache (default: eval.cache_dir)")
+            p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+            p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+            p.set_defaults(func=_eval)
     return parser
 
 
@@ -120,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (config_lib.ConfigError, FileNotFoundError) as err:
+    except (config_lib.ConfigError, FileNotFoundError, ValueError) as err:
         sys.exit(f"distill {args.command}: {err}")
 
 

@@ -119,13 +119,27 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    features: list[str] = _field(
+        ["classifier"],
+        "feature spaces for FD, KID, precision and recall: classifier (eval.classifier's features), dinov2 "
+        "(FD-DINOv2, eval.dinov2) and/or inception (classic FID; needs torch-fidelity and network); the first "
+        "one's FD picks the best checkpoint. [] disables scoring",
+    )
     classifier: Optional[str] = _field(
         "models/digits-classifier",
-        "classifier (hub id or local dir) whose features score samples: Fréchet distance and class accuracy",
+        "classifier (hub id or local dir) for the classifier feature space and class accuracy (null: none)",
     )
-    num_samples: int = _field(2000, "samples generated for the final scores")
-    every: int = _field(0, "score the EMA student every N student steps during training and log it (0: only at the end)")
-    batch_size: int = _field(500, "generation batch for scoring")
+    dinov2: str = _field("facebook/dinov2-large", "DINOv2 checkpoint (hub id or local dir) for the dinov2 feature space")
+    num_samples: int = _field(2000, "samples generated for the final scores (metrics.json)")
+    every: int = _field(
+        0, "score the EMA student every N student steps during training, log it and keep the best checkpoint (0: only at the end)"
+    )
+    every_num_samples: int = _field(1000, "samples generated for each evaluation during training")
+    nearest_k: int = _field(3, "k of the k-nearest-neighbour manifolds of precision and recall (Kynkäänniemi et al. 2019)")
+    kid_subsets: int = _field(100, "random subsets averaged by KID")
+    kid_subset_size: int = _field(1000, "samples per KID subset (capped at the smaller set's size)")
+    cache_dir: str = _field("~/.cache/distill/reference", "where reference-set features are cached, keyed by dataset and extractor")
+    batch_size: int = _field(500, "generation and feature-extraction batch for scoring")
 
 
 @dataclass
@@ -252,6 +266,20 @@ def _set_override(data: dict, dotted: str, value: Any, source: str) -> None:
     node[keys[-1]] = value
 
 
+def load_eval(overrides: list[str], source: str) -> Config:
+    """Defaults with ``eval.*`` / ``data.*`` overrides, only those sections validated: the
+    settings of ``distill eval`` on an export or a teacher, which has no recipe."""
+    data: dict = {}
+    for item in overrides:
+        key, raw = item.split("=", 1)
+        if key.split(".")[0] not in ("eval", "data"):
+            raise ConfigError(f"{source}: {key}: only eval.* and data.* settings apply here")
+        _set_override(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None, source)
+    config = _build(Config(), data, "", source)
+    _validate_eval(config.eval, source)
+    return config
+
+
 def load(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Read a recipe YAML (or only defaults when ``recipe`` is None), apply ``key=value``
     overrides (values parsed as YAML), validate, and return the config."""
@@ -315,8 +343,6 @@ def validate(config: Config, source: str) -> None:
         "method.fake_score_updates": config.method.fake_score_updates,
         "optim.student.lr": config.optim.student.lr,
         "optim.critic.lr": config.optim.critic.lr,
-        "eval.num_samples": config.eval.num_samples,
-        "eval.batch_size": config.eval.batch_size,
         "train.num_grid_samples": config.train.num_grid_samples,
     }
     for key, value in positive.items():
@@ -372,12 +398,37 @@ def validate(config: Config, source: str) -> None:
             few_step_scheduler(scheduler, ts)
         except ValueError as err:
             _fail(source, "student.timesteps", str(err))
-    if config.eval.classifier is not None:
-        local = _local_or_hub(config.eval.classifier)
-        if local is not None and not (local / "config.json").is_file():
-            _fail(source, "eval.classifier", f"{local.resolve()} has no config.json (give a classifier directory or a hub id)")
+    _validate_eval(config.eval, source)
     if config.resume not in (None, "latest") and not Path(config.resume).is_dir():
         _fail(source, "resume", f"checkpoint directory {Path(config.resume).resolve()} does not exist")
+
+
+def _validate_eval(e: EvalConfig, source: str) -> None:
+    from distill.features import FEATURE_SPACES
+
+    for name in ("num_samples", "every_num_samples", "batch_size", "nearest_k", "kid_subsets", "kid_subset_size"):
+        if getattr(e, name) <= 0:
+            _fail(source, f"eval.{name}", f"must be positive, got {getattr(e, name)}")
+    for name in e.features:
+        if name not in FEATURE_SPACES:
+            _fail(source, "eval.features", f"unknown feature space {name!r}; choose from {', '.join(FEATURE_SPACES)}")
+    if len(set(e.features)) != len(e.features):
+        _fail(source, "eval.features", f"lists a feature space twice: {e.features}")
+    if "classifier" in e.features and e.classifier is None:
+        _fail(source, "eval.features", "the classifier feature space needs eval.classifier (or drop it from eval.features)")
+    if e.every and not e.features:
+        _fail(source, "eval.every", "evaluation during training needs at least one feature space in eval.features")
+    for name in ("num_samples", "every_num_samples"):
+        if e.features and getattr(e, name) <= e.nearest_k:
+            _fail(source, f"eval.{name}", f"precision/recall with eval.nearest_k={e.nearest_k} need more samples")
+    if "dinov2" in e.features:
+        local = _local_or_hub(e.dinov2)
+        if local is not None and not (local / "config.json").is_file():
+            _fail(source, "eval.dinov2", f"{local.resolve()} has no config.json (give a DINOv2 directory or a hub id)")
+    if e.classifier is not None:
+        local = _local_or_hub(e.classifier)
+        if local is not None and not (local / "config.json").is_file():
+            _fail(source, "eval.classifier", f"{local.resolve()} has no config.json (give a classifier directory or a hub id)")
 
 
 def check_output_dir(config: Config, source: str) -> None:

@@ -35,6 +35,16 @@ def load_digits(split: str) -> tuple[Tensor, Tensor]:
     return images[index], labels[index]
 
 
+def reference_set(dataset: str) -> tuple[str, Tensor, Tensor | None]:
+    """The real images that generated samples are scored against: ``(key, images [N, C, H, W]
+    in [0, 1], labels [N] or None)``. ``key`` names the set in the reference-feature cache.
+    For digits it is the training split, the distribution the teacher learnt."""
+    if dataset != "digits":
+        raise ValueError(f"no reference set for dataset {dataset!r}")
+    images, labels = load_digits("train")
+    return f"digits-train-{len(labels)}", (images + 1) / 2, labels
+
+
 class DigitsDataset(torch.utils.data.Dataset):
     """Map-style view of one digits split; items are ``{"image": [1, 8, 8], "class_label": int}``."""
 

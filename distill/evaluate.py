@@ -1,94 +1,116 @@
-"""Scores of a sampler: Fréchet distance in a classifier's feature space, class accuracy,
-and speed; plus the teacher run with a stock diffusers solver, as the baseline.
+"""How good is a sampler: the scoring harness behind ``distill eval``, the evaluation during
+training and ``scripts/bench_quality.py``.
 
-The built-in benchmark scores digits with ``DigitsClassifier``, a small CNN trained on the
-digits training split by ``scripts/train_digits_classifier.py`` and saved in
-safetensors with ``PyTorchModelHubMixin`` (so it loads with ``from_pretrained`` from a hub
-id or a local directory).
+A *target* is anything that draws class-conditional (or unconditional) images from a seed:
+a training run's student, an exported pipeline under its own few-step scheduler, or the
+teacher under a stock diffusers solver (DDIM, DPM-Solver++) at a given step count, the
+baseline a student has to beat. ``Scorer`` compares a target's samples with the dataset's
+reference images in one or more feature spaces (``distill.features``): Fréchet distance,
+KID, precision and recall, plus class accuracy; ``measure_speed`` times the target.
+Reference features are cached on disk, keyed by dataset and extractor weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import statistics
 import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance
+
+from distill import metrics
+from distill.data import reference_set
+from distill.features import extract, load_classifier, load_extractor
+
+Generate = Callable[[int, int], tuple[Tensor, "Tensor | None"]]  # (num, seed) -> (images [0, 1], labels)
+BASELINE_STEPS = (1, 2, 4, 8, 25, 50)
 
 
-class DigitsClassifier(nn.Module, PyTorchModelHubMixin):
-    """CNN on 8x8 grey images in [0, 1]; ``features`` is its penultimate layer [B, 2*width]."""
+def _solvers() -> dict[str, Callable]:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    def __init__(self, num_classes: int = 10, width: int = 32):
-        super().__init__()
-        self.num_features = 2 * width
-        self.body = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.GELU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
-            nn.AvgPool2d(2),  # 8x8 -> 4x4
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.GELU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.GELU(),
-        )
-        self.classify = nn.Linear(2 * width, num_classes)
-
-    def features(self, images: Tensor) -> Tensor:
-        return self.body(images * 2 - 1).mean(dim=(2, 3))
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.classify(self.features(images))
+    return {
+        "ddim": partial(DDIMScheduler.from_config, timestep_spacing="trailing"),
+        "dpmsolver++": partial(DPMSolverMultistepScheduler.from_config, algorithm_type="dpmsolver++"),
+    }
 
 
-def load_classifier(path: str) -> DigitsClassifier:
-    try:
-        return DigitsClassifier.from_pretrained(path).eval().requires_grad_(False)
-    except Exception as err:
-        raise FileNotFoundError(f"could not load the scoring classifier from {path!r} (local directory or hub id): {err}") from err
+SOLVER_NAMES = {"ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}
 
 
-class _Features(nn.Module):
-    def __init__(self, classifier: DigitsClassifier):
-        super().__init__()
-        self.classifier = classifier
-        self.num_features = classifier.num_features
+# ---------------------------------------------------------------------------- reference features
+def reference_features(extractor: nn.Module, *, dataset_key: str, images: Callable[[], Tensor], cache_dir: str | Path,
+                       batch_size: int) -> Tensor:
+    """Features of the reference images, read from ``cache_dir`` when this dataset was already
+    seen by an extractor with the same weights, else extracted and cached (atomically)."""
+    key = hashlib.sha256(f"{dataset_key}|{extractor.identity}".encode()).hexdigest()[:20]
+    path = Path(os.path.expanduser(str(cache_dir))) / f"{dataset_key}-{key}.safetensors"
+    from safetensors.torch import load_file, save_file
 
-    def forward(self, images: Tensor) -> Tensor:
-        return self.classifier.features(images.float())
+    if path.is_file():
+        return load_file(path)["features"]
+    features = extract(extractor, images(), batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = path.with_suffix(f".partial-{os.getpid()}")
+    save_file({"features": features.contiguous()}, partial_path, metadata={"dataset": dataset_key, "extractor": extractor.identity})
+    partial_path.replace(path)
+    return features
 
 
-@torch.no_grad()
-def score_images(images: Tensor, labels: Tensor | None, reference: Tensor, classifier: DigitsClassifier) -> dict[str, float]:
-    """Fréchet distance (Heusel et al. 2017, eq. 6) between ``images`` and ``reference`` in
-    the classifier's feature space, and the classifier's accuracy on ``labels``.
+class Scorer:
+    """Scores images against a dataset's reference set in each feature space.
 
-    images, reference: [N, C, H, W] in [0, 1]; labels: [N] intended classes or None.
-    """
-    fd = FrechetInceptionDistance(feature=_Features(classifier), normalize=False, input_img_size=tuple(images.shape[1:]))
-    for chunk in reference.split(1000):
-        fd.update(chunk, real=True)
-    for chunk in images.split(1000):
-        fd.update(chunk, real=False)
-    scores = {"fd": float(fd.compute()), "num_samples": len(images)}
-    if labels is not None:
-        predicted = torch.cat([classifier(chunk).argmax(1) for chunk in images.split(1000)])
-        scores["class_accuracy"] = float((predicted == labels).float().mean())
-    return scores
+    Returns ``{"fd_<space>", "kid_<space>", "kid_std_<space>", "precision_<space>",
+    "recall_<space>", ...,  "class_accuracy", "num_samples"}``; class accuracy needs a
+    classifier and labels."""
+
+    def __init__(self, *, feature_spaces: list[str], dataset: str, classifier: str | None, dinov2: str,
+                 cache_dir: str | Path, nearest_k: int, kid_subsets: int, kid_subset_size: int, batch_size: int,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.nearest_k, self.kid_subsets, self.kid_subset_size, self.batch_size = nearest_k, kid_subsets, kid_subset_size, batch_size
+        dataset_key, images, _ = reference_set(dataset)
+        self.extractors = {name: load_extractor(name, classifier=classifier, dinov2=dinov2).to(self.device) for name in feature_spaces}
+        self.references = {
+            name: reference_features(extractor, dataset_key=dataset_key, images=lambda: images, cache_dir=cache_dir, batch_size=batch_size)
+            for name, extractor in self.extractors.items()
+        }
+        self.classifier = load_classifier(classifier).to(self.device) if classifier is not None else None
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, labels: Tensor | None) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        for name, extractor in self.extractors.items():
+            real, fake = self.references[name], extract(extractor, images, self.batch_size)
+            scores[f"fd_{name}"] = metrics.frechet_distance(real, fake)
+            scores[f"kid_{name}"], scores[f"kid_std_{name}"] = metrics.kernel_distance(real, fake, self.kid_subsets, self.kid_subset_size)
+            scores[f"precision_{name}"], scores[f"recall_{name}"] = metrics.precision_recall(real, fake, self.nearest_k)
+        if self.classifier is not None and labels is not None:
+            logits = torch.cat([self.classifier(part.to(self.device)) for part in images.split(self.batch_size)])
+            scores["class_accuracy"] = metrics.class_accuracy(logits, labels)
+        scores["num_samples"] = len(images)
+        return scores
+
+
+# ---------------------------------------------------------------------------- targets
+@dataclass
+class Target:
+    """Something that draws images: ``generate(num, seed) -> (images [0, 1], labels)``."""
+
+    name: str
+    steps: int
+    generate: Generate
 
 
 def balanced_labels(num: int, num_classes: int | None) -> Tensor | None:
     """0, 1, ..., num_classes-1, 0, 1, ... so every class is equally represented."""
     return None if num_classes is None else torch.arange(num) % num_classes
-
-
-def time_per_1000(generate: Callable[[int], Tensor], num: int, warmup: int = 1) -> float:
-    """Wall-clock seconds per 1,000 samples of ``generate(num)``, after warm-up calls."""
-    for _ in range(warmup):
-        generate(min(num, 100))
-    start = time.perf_counter()
-    generate(num)
-    return (time.perf_counter() - start) / num * 1000
 
 
 @torch.no_grad()
@@ -105,3 +127,144 @@ def sample_teacher(teacher, scheduler_class, num_steps: int, noise: Tensor, cond
         out = teacher.guided_output(teacher.denoiser, x_in, t.expand(x.shape[0]).to(x.device), cond, guidance_scale)
         x = scheduler.step(out, t, x, generator=generator).prev_sample
     return x
+
+
+class _Scheduler:
+    """A scheduler-class stand-in whose ``from_config`` adds solver options."""
+
+    def __init__(self, build: Callable):
+        self.from_config = build
+
+
+def pipeline_generate(teacher, scheduler_class, steps: int, *, guidance_scale: float, batch_size: int, device) -> Generate:
+    """``generate`` for a diffusers pipeline's denoiser under a stock scheduler loop."""
+
+    def generate(num: int, seed: int) -> tuple[Tensor, Tensor | None]:
+        generator = torch.Generator().manual_seed(seed)
+        labels = balanced_labels(num, teacher.num_classes)
+        chunks = []
+        for start in range(0, num, batch_size):
+            n = min(batch_size, num - start)
+            cond = teacher.condition({"class_label": labels[start : start + n]}) if labels is not None else {}
+            cond = {k: v.to(device) for k, v in cond.items()}
+            noise = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
+            x0 = sample_teacher(teacher, scheduler_class, steps, noise, cond, guidance_scale, generator)
+            chunks.append(teacher.decode(x0).float().cpu())
+        return torch.cat(chunks), labels
+
+    return generate
+
+
+def teacher_target(path: str, solver: str, steps: int, *, guidance_scale: float = 1.0, batch_size: int = 500,
+                   device="cpu", revision: str | None = None) -> Target:
+    """The teacher (hub id or local pipeline directory) under DDIM or DPM-Solver++."""
+    from distill.teachers import load_teacher
+
+    solvers = _solvers()
+    if solver not in solvers:
+        raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(solvers)}")
+    teacher = load_teacher(path, revision)
+    teacher.denoiser.to(device)
+    generate = pipeline_generate(teacher, _Scheduler(solvers[solver]), steps, guidance_scale=guidance_scale,
+                                 batch_size=batch_size, device=device)
+    return Target(f"teacher, {SOLVER_NAMES[solver]}, {steps} step{'s' * (steps > 1)}", steps, generate)
+
+
+def export_target(path: str | Path, steps: int | None = None, *, batch_size: int = 500, device="cpu") -> Target:
+    """An exported pipeline directory under its own (few-step) scheduler; ``steps`` defaults
+    to the number the student was trained for (from the export's recipe)."""
+    import yaml
+    from diffusers import DiffusionPipeline
+
+    from distill.teachers import teacher_from_pipeline
+
+    path = Path(path)
+    pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True)
+    exported = teacher_from_pipeline(pipe)
+    exported.denoiser.to(device)
+    recipe = path / "distill_recipe.yaml"
+    if steps is None:
+        steps = len(yaml.safe_load(recipe.read_text())["student"]["timesteps"]) if recipe.is_file() else 1
+    generate = pipeline_generate(exported, type(pipe.scheduler), steps, guidance_scale=1.0, batch_size=batch_size, device=device)
+    return Target(f"export {path.name}, {steps} step{'s' * (steps > 1)}", steps, generate)
+
+
+def run_target(run_dir: str | Path, checkpoint: str = "latest", steps: int | None = None, *, batch_size: int = 500,
+               device="cpu") -> tuple[Target, dict]:
+    """A training run's student (EMA weights of ``checkpoint``: 'latest', 'best' or a
+    directory) under its own few-step sampler; also returns the run's resolved config."""
+    from distill.export import load_run
+    from distill.students import FewStepSampler
+    from distill.teachers import load_teacher
+    from distill.trainer import generate as generate_student
+
+    config, ckpt = load_run(run_dir, checkpoint)
+    teacher = load_teacher(config["teacher"]["path"], config["teacher"].get("revision"))
+    teacher.denoiser.to(device)
+    student = type(teacher.denoiser).from_pretrained(ckpt / "student", use_safetensors=True).eval().to(device)
+    timesteps = config["student"]["timesteps"][: steps or None]
+    sampler = FewStepSampler(timesteps, teacher.schedule)
+
+    def generate(num: int, seed: int):
+        return generate_student(teacher, student, sampler, num, seed, batch_size, device)
+
+    name = f"student {Path(run_dir).name} ({ckpt.name}), {len(sampler)} step{'s' * (len(sampler) > 1)}"
+    return Target(name, len(sampler), generate), config
+
+
+# ---------------------------------------------------------------------------- speed and tables
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_speed(generate: Generate, *, batch_size: int, device="cpu", warmup: int = 2, repeats: int = 5) -> dict[str, float]:
+    """Latency of one image (batch 1) and throughput at ``batch_size``, each the median of
+    ``repeats`` timed calls after ``warmup`` untimed ones (allocator, kernels, caches)."""
+
+    def median_seconds(num: int) -> float:
+        for _ in range(warmup):
+            generate(num, 0)
+        times = []
+        for _ in range(repeats):
+            _synchronize(device)
+            start = time.perf_counter()
+            generate(num, 0)
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    latency = median_seconds(1)
+    batch_seconds = median_seconds(batch_size)
+    return {
+        "latency_ms": 1000 * latency,
+        "images_per_second": batch_size / batch_seconds,
+        "seconds_per_1000": 1000 * batch_seconds / batch_size,
+    }
+
+
+COLUMNS = [  # (metrics key, header, format)
+    ("fd_{space}", "FD ↓", "{:.3f}"),
+    ("kid_{space}", "KID ↓", "{:.4f}"),
+    ("precision_{space}", "precision ↑", "{:.3f}"),
+    ("recall_{space}", "recall ↑", "{:.3f}"),
+    ("class_accuracy", "class acc. ↑", "{:.3f}"),
+    ("latency_ms", "latency ms ↓", "{:.1f}"),
+    ("seconds_per_1000", "s / 1,000 ↓", "{:.2f}"),
+]
+
+
+def markdown_table(rows: list[dict], feature_spaces: list[str]) -> str:
+    """One markdown table: a row per target (its ``name``), columns per feature space."""
+    columns = []
+    for key, header, fmt in COLUMNS:
+        spaces = feature_spaces if "{space}" in key else [None]
+        for space in spaces:
+            label = header if space is None or len(feature_spaces) == 1 else f"{header} ({space})"
+            columns.append((key.format(space=space), label, fmt))
+    columns = [c for c in columns if any(c[0] in row for row in rows)]
+    lines = ["| sampler | " + " | ".join(c[1] for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for row in rows:
+        cells = [fmt.format(row[key]) if row.get(key) is not None else "" for key, _, fmt in columns]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

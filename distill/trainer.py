@@ -13,6 +13,9 @@ Run directory::
     logs/                 TensorBoard: losses, learning rates, sample grids
     samples/step-N.png    sample grids of the EMA student (fixed noise and labels)
     checkpoints/step-N/   accelerate state (models, optimizers, EMA, RNG, step) + student/
+    checkpoints/best/     student/ with the best FD seen by the evaluations during training,
+                          and scores.json (its step and scores)
+    scores.jsonl          one line of scores per evaluation during training (eval.every)
     metrics.json          final scores
 """
 
@@ -36,12 +39,13 @@ from distill import config as config_lib
 from distill.config import Config
 from distill.data import DigitsDataset, EpochSampler, collate, step_generator
 from distill.discriminators import BottleneckHead
-from distill.evaluate import balanced_labels, load_classifier, score_images
+from distill.evaluate import Scorer, balanced_labels
 from distill.methods import DMD2, Critic
 from distill.students import FewStepSampler, make_student
 from distill.teachers import load_teacher
 
 CHECKPOINT_PREFIX = "step-"
+BEST = "best"
 
 
 class TrainState:
@@ -60,7 +64,13 @@ class TrainState:
 
 
 def find_checkpoint(output_dir: str | Path, which: str = "latest") -> Path:
-    """The newest complete checkpoint of a run (``which='latest'``) or the directory given."""
+    """The newest complete checkpoint of a run (``which='latest'``), the best one kept by
+    the evaluations during training (``'best'``), or the directory given."""
+    if which == BEST:
+        best = Path(output_dir) / "checkpoints" / BEST
+        if not (best / "student").is_dir():
+            raise FileNotFoundError(f"no best checkpoint at {best.resolve()} (it is kept when eval.every > 0)")
+        return best
     if which != "latest":
         path = Path(which)
         if not (path / "student").is_dir():
@@ -273,7 +283,7 @@ class DistillTrainer:
                 self.save_checkpoint()
             if cfg.train.sample_every and (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps or stopped_early):
                 self.write_samples(step)
-            if cfg.eval.every and step % cfg.eval.every == 0 and cfg.eval.classifier is not None:
+            if cfg.eval.every and step % cfg.eval.every == 0:
                 self._log_scores(step)
             if stopped_early:
                 accelerator.print(f"train.max_minutes={cfg.train.max_minutes} reached at step {step}; stopping")
@@ -340,6 +350,10 @@ class DistillTrainer:
             if self.accelerator.is_main_process and path.is_file():
                 rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.state.step]
                 path.write_text("".join(row + "\n" for row in rows))
+        best = self.output_dir / "checkpoints" / BEST
+        if self.accelerator.is_main_process and (best / "scores.json").is_file():
+            if json.loads((best / "scores.json").read_text())["step"] > self.state.step:
+                shutil.rmtree(best)  # chosen among lost steps; the resumed run chooses again
 
     # ---------------------------------------------------------------------- samples and scores
     def generate(self, student: torch.nn.Module, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -356,31 +370,53 @@ class DistillTrainer:
         columns = math.ceil(math.sqrt(len(images)))
         tracker.add_image("samples", image_grid(images.float().cpu(), columns), global_step=step)
 
-    def scores(self) -> dict:
-        """Scores of the EMA student on ``eval.num_samples`` samples (fixed seed)."""
-        if not hasattr(self, "_classifier"):
-            self._classifier = load_classifier(self.config.eval.classifier).to(self.device)
-            self._reference = ((DigitsDataset("train").images + 1) / 2).to(self.device)
-        images, labels = self.generate(self.eval_student(), self.config.eval.num_samples, seed=self.config.seed + 1)
-        return score_images(images, labels, self._reference, self._classifier)
+    def scores(self, num_samples: int) -> tuple[dict, torch.nn.Module]:
+        """Scores of the EMA student on ``num_samples`` samples (fixed seed), and that student."""
+        if not hasattr(self, "_scorer"):
+            self._scorer = scorer_from_config(self.config.eval, self.config.data.dataset, self.device)
+        student = self.eval_student()
+        images, labels = self.generate(student, num_samples, seed=self.config.seed + 1)
+        return self._scorer(images, labels), student
+
+    @property
+    def best_metric(self) -> str:
+        return f"fd_{self.config.eval.features[0]}"
 
     def _log_scores(self, step: int) -> None:
+        """Evaluate during training: log the scores and keep the best student so far."""
         if not self.accelerator.is_main_process:
             return
-        metrics = self.scores()
+        metrics, student = self.scores(self.config.eval.every_num_samples)
         self.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "num_samples"}, step=step)
         with open(self.output_dir / "scores.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "minutes": round(self.state.elapsed_seconds / 60, 2), **metrics}) + "\n")
+        best = self.output_dir / "checkpoints" / BEST
+        previous = json.loads((best / "scores.json").read_text()) if (best / "scores.json").is_file() else None
+        if previous is not None and previous[self.best_metric] <= metrics[self.best_metric]:
+            return
+        partial = best.with_name(f".partial-{BEST}")
+        shutil.rmtree(partial, ignore_errors=True)
+        student.save_pretrained(partial / "student", safe_serialization=True)
+        (partial / "scores.json").write_text(json.dumps({"step": step, **metrics}, indent=2) + "\n")
+        shutil.rmtree(best, ignore_errors=True)
+        partial.rename(best)
 
     def final_scores(self) -> dict | None:
-        if not self.accelerator.is_main_process or self.config.eval.classifier is None:
+        if not self.accelerator.is_main_process or not self.config.eval.features:
             return None
-        metrics = self.scores()
+        metrics, _ = self.scores(self.config.eval.num_samples)
         metrics.update(step=self.state.step, steps=len(self.sampler), timesteps=self.sampler.timesteps,
                        train_minutes=round(self.state.elapsed_seconds / 60, 2))
         (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         self.accelerator.print(f"scores of the {len(self.sampler)}-step student: {json.dumps(metrics)}")
         return metrics
+
+
+def scorer_from_config(e: config_lib.EvalConfig, dataset: str, device) -> Scorer:
+    """The ``Scorer`` a recipe's ``eval`` section describes, for its dataset."""
+    return Scorer(feature_spaces=e.features, dataset=dataset, classifier=e.classifier, dinov2=e.dinov2,
+                  cache_dir=e.cache_dir, nearest_k=e.nearest_k, kid_subsets=e.kid_subsets,
+                  kid_subset_size=e.kid_subset_size, batch_size=e.batch_size, device=device)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.data import EpochSampler, load_digits
-from distill.evaluate import DigitsClassifier
+from distill.features import DigitsClassifier
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

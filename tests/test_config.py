@@ -30,7 +30,7 @@ def write_recipe(tmp_path: Path, data, tiny_teacher: Path | None = None, name: s
         data = dict(data)
         data.setdefault("teacher", {})
         data["teacher"] = {"path": str(tiny_teacher), **data["teacher"]}
-        data.setdefault("eval", {"classifier": None})
+        data.setdefault("eval", {"classifier": None, "features": []})
     path = tmp_path / name
     path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
     return path
@@ -71,7 +71,30 @@ def test_defaults_do_not_share_mutable_state():
 
 def test_eval_classifier_null_is_accepted(tiny_teacher, tmp_path):
     config = config_lib.load(write_recipe(tmp_path, {}, tiny_teacher))
-    assert config.eval.classifier is None
+    assert config.eval.classifier is None and config.eval.features == []
+
+
+@pytest.mark.parametrize(
+    "eval_section, key, message",
+    [
+        ({"features": ["fid"]}, "eval.features", "unknown feature space 'fid'; choose from classifier, dinov2, inception"),
+        ({"features": ["classifier"], "classifier": None}, "eval.features", "needs eval.classifier"),
+        ({"features": ["dinov2", "dinov2"]}, "eval.features", "lists a feature space twice"),
+        ({"features": [], "every": 10}, "eval.every", "needs at least one feature space"),
+        ({"features": ["dinov2"], "dinov2": "./no/such/dinov2"}, "eval.dinov2", "no/such/dinov2 does not exist|has no config.json"),
+        ({"features": ["dinov2"], "every_num_samples": 3}, "eval.every_num_samples", "need more samples"),
+        ({"features": [], "kid_subsets": 0}, "eval.kid_subsets", "must be positive"),
+    ],
+)
+def test_eval_settings_are_checked_before_weights_load(tiny_teacher, tmp_path, eval_section, key, message):
+    error = load_error(write_recipe(tmp_path, {"eval": {"classifier": None, **eval_section}}, tiny_teacher))
+    assert f"{key}:" in error and re.search(message, error), error
+
+
+def test_distill_eval_settings_accept_only_eval_and_data_keys():
+    with pytest.raises(ConfigError, match=r"distill eval x: train.max_steps: only eval\.\* and data\.\* settings apply"):
+        config_lib.load_eval(["train.max_steps=3"], source="distill eval x")
+    assert config_lib.load_eval(["eval.features=[dinov2]", "eval.dinov2=org/name"], source="x").eval.features == ["dinov2"]
 
 
 # --- errors name the recipe file and the key ----------------------------------------------
@@ -304,7 +327,7 @@ def test_describe_covers_every_leaf_key():
     assert rows["student.timesteps"][1] == [500]
     assert all(help for help, _ in rows.values())
     assert "teacher" not in rows  # sections are not leaves
-    assert len(rows) == 44
+    assert len(rows) == 51
 
 
 def test_describe_reports_the_real_defaults():

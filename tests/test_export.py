@@ -59,7 +59,7 @@ def test_export_reproduces_the_student(tiny_teacher, tiny_classifier, tmp_path, 
     assert torch.equal(our_labels, labels)
     assert (ours - theirs).abs().max() < 1e-4
     card = (out / "README.md").read_text()
-    assert scheduler in card and f"timesteps | {eval(timesteps)}" in card and "| fd |" in card
+    assert scheduler in card and f"timesteps | {eval(timesteps)}" in card and "| fd_classifier |" in card
 
 
 def test_unconditional_export_runs_as_ddpm_pipeline(tiny_uncond_teacher, tmp_path):

@@ -51,7 +51,7 @@ def test_short_run_moves_parameters_and_pins_losses(tiny_teacher, tiny_classifie
 
     assert (run / "config.yaml").is_file() and (run / "samples" / "step-000002.png").is_file()
     assert metrics["steps"] == 1 and metrics["timesteps"] == [500] and metrics["num_samples"] == 40
-    assert json.loads((run / "metrics.json").read_text())["fd"] == pytest.approx(metrics["fd"])
+    assert json.loads((run / "metrics.json").read_text())["fd_classifier"] == pytest.approx(metrics["fd_classifier"])
     assert any((run / "logs").rglob("events.out.tfevents.*"))
 
 

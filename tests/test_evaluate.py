@@ -1,0 +1,259 @@
+"""The evaluation harness: each metric against a known case, the reference cache, the feature
+extractors (tiny DINOv2 saved and loaded through from_pretrained), the speed measurement,
+the best checkpoint kept during training, and `distill eval` on a run, an export and a
+teacher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distill import evaluate, metrics
+from distill.cli import main as cli
+from distill.export import export
+from distill.features import Dinov2Features, dinov2_inputs, load_extractor
+from distill.trainer import find_checkpoint
+from conftest import REPO, tiny_overrides
+
+RECIPE_1STEP = str(REPO / "recipes" / "digits-dmd2-1step.yaml")
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def _clusters(num: int, classes, seed: int = 0) -> torch.Tensor:
+    """Points around ten well separated centres; only ``classes`` are drawn."""
+    centres = torch.randn(10, 4, generator=torch.Generator().manual_seed(123)) * 10
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor(classes)[torch.arange(num) % len(classes)]
+    return centres[labels] + 0.5 * torch.randn(num, 4, generator=g)
+
+
+def test_identical_sets_give_zero_distances_and_full_precision_recall():
+    real = _clusters(600, range(10))
+    assert metrics.frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.precision_recall(real, real, k=3) == (1.0, 1.0)
+
+
+def test_kid_is_zero_for_one_distribution_and_grows_with_a_shift():
+    # an unbiased MMD² estimate: zero up to subset noise for two draws of one distribution
+    # (not for one set against itself, where the shared points bias the cross term)
+    g = torch.Generator().manual_seed(0)
+    real, other = torch.randn(800, 16, generator=g), torch.randn(800, 16, generator=g)
+    kid, _ = metrics.kernel_distance(real, other, subsets=50, subset_size=400)
+    kids = [metrics.kernel_distance(real, other + shift, subsets=50, subset_size=400)[0] for shift in (0.25, 0.5, 1.0)]
+    assert abs(kid) < 0.1 * kids[0]
+    assert kids[0] < kids[1] < kids[2]
+
+
+def test_half_the_classes_removed_loses_recall_not_precision():
+    real = _clusters(1000, range(10))
+    half = _clusters(1000, range(5), seed=1)
+    full = _clusters(1000, range(10), seed=1)
+    precision, recall = metrics.precision_recall(real, half, k=3)
+    precision_full, recall_full = metrics.precision_recall(real, full, k=3)
+    assert precision_full > 0.8 and recall_full > 0.8  # a fresh draw of the same distribution
+    assert precision == pytest.approx(precision_full, abs=0.05)  # the kept classes are still realistic
+    assert recall == pytest.approx(recall_full / 2, abs=0.05)  # but half the real modes are uncovered
+    assert metrics.frechet_distance(real, half) > 10 * metrics.frechet_distance(real, _clusters(1000, range(10), seed=1))
+
+
+def test_shift_raises_fd_by_its_squared_length():
+    real = _clusters(800, range(10))
+    fds = [metrics.frechet_distance(real, real + shift) for shift in (0.0, 0.5, 1.0, 2.0)]
+    # same covariance: FD = |mu_r - mu_f|^2 = 4 * shift^2 for a shift of each of the 4 coordinates
+    assert fds == pytest.approx([0.0, 1.0, 4.0, 16.0], abs=1e-5)
+
+
+def test_frechet_distance_matches_the_closed_form():
+    import scipy.linalg
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 5, generator=g, dtype=torch.float64)
+    fake = torch.randn(200, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 5, generator=g, dtype=torch.float64) + 1
+    mu_r, mu_f = real.mean(0).numpy(), fake.mean(0).numpy()
+    s_r, s_f = torch.cov(real.T).numpy(), torch.cov(fake.T).numpy()
+    expected = ((mu_r - mu_f) ** 2).sum() + (s_r + s_f - 2 * scipy.linalg.sqrtm(s_r @ s_f).real).trace()
+    assert metrics.frechet_distance(real, fake) == pytest.approx(expected, rel=1e-6)
+
+
+def test_precision_recall_by_hand():
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    fake = torch.tensor([[0.5], [10.0]])
+    # real radii (k=1) are all 1: 0.5 is inside, 10 is not -> precision 1/2.
+    # fake radii (k=1) are both 9.5: every real point is within 9.5 of 0.5 -> recall 1.
+    assert metrics.precision_recall(real, fake, k=1) == (0.5, 1.0)
+    with pytest.raises(ValueError, match="more than 3 samples"):
+        metrics.precision_recall(real, fake, k=3)
+
+
+def test_class_accuracy():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0], [0.0, 1.0]])
+    assert metrics.class_accuracy(logits, torch.tensor([0, 1, 1, 1])) == 0.75
+
+
+def test_clip_score_equals_the_models_own_cosine(tiny_clip):
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = CLIPModel.from_pretrained(tiny_clip), CLIPProcessor.from_pretrained(tiny_clip)
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["zero", "one one", "two", "three"]
+    score = metrics.clip_score(images, prompts, model, processor, batch_size=3)
+
+    size = model.config.vision_config.image_size
+    pixels = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+    mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
+    tokens = processor.tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=(pixels - mean) / std)
+        cosine = out.logits_per_image.diagonal() / model.logit_scale.exp()
+    assert score == pytest.approx(float((100 * cosine.clamp(min=0)).mean()), rel=1e-5)
+    assert 0.0 <= score <= 100.0
+    with pytest.raises(ValueError, match="one prompt per image"):
+        metrics.clip_score(images, prompts[:2], model, processor)
+
+
+# ---------------------------------------------------------------------------- features and cache
+
+
+def test_dinov2_features_load_frozen_and_resize_like_the_backbone(tiny_dinov2):
+    extractor = load_extractor("dinov2", classifier=None, dinov2=str(tiny_dinov2))
+    assert isinstance(extractor, Dinov2Features) and extractor.size == 28
+    images = torch.rand(5, 1, 8, 8)
+    features = extractor(images)
+    assert features.shape == (5, 32)
+    assert not any(p.requires_grad for p in extractor.parameters())
+    pixels = dinov2_inputs(torch.full((2, 1, 8, 8), 0.5), 28, (0.5, 0.4, 0.3), (0.1, 0.2, 0.5))
+    assert pixels.shape == (2, 3, 28, 28)
+    assert torch.allclose(pixels[0, :, 5, 5], torch.tensor([0.0, 0.5, 0.4]), atol=1e-5)
+
+
+def test_inception_features_say_what_they_need():
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        with pytest.raises(FileNotFoundError, match="torch-fidelity"):
+            load_extractor("inception", classifier=None, dinov2="unused")
+    with pytest.raises(ValueError, match="unknown feature space 'clip'"):
+        load_extractor("clip", classifier=None, dinov2="unused")
+
+
+def _scorer(classifier, cache_dir, features=("classifier",), dinov2="unused"):
+    return evaluate.Scorer(feature_spaces=list(features), dataset="digits", classifier=str(classifier), dinov2=dinov2,
+                           cache_dir=cache_dir, nearest_k=3, kid_subsets=5, kid_subset_size=50, batch_size=256)
+
+
+def test_reference_features_are_cached_by_dataset_and_extractor(tiny_classifier, tiny_dinov2, tmp_path, monkeypatch):
+    calls = []
+    real_extract = evaluate.extract
+    monkeypatch.setattr(evaluate, "extract", lambda extractor, images, batch_size: calls.append(len(images)) or real_extract(extractor, images, batch_size))
+
+    first = _scorer(tiny_classifier, tmp_path)
+    assert calls == [1437]  # the digits training split, extracted once
+    assert len(list(tmp_path.glob("digits-train-1437-*.safetensors"))) == 1
+    second = _scorer(tiny_classifier, tmp_path)
+    assert calls == [1437]  # read back, not extracted again
+    assert torch.equal(first.references["classifier"], second.references["classifier"])
+
+    _scorer(tiny_classifier, tmp_path, features=("classifier", "dinov2"), dinov2=str(tiny_dinov2))
+    assert calls == [1437, 1437]  # a new extractor gets its own entry
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_scorer_on_the_real_digits_against_themselves(tmp_path):
+    from distill.data import reference_set
+
+    _, images, labels = reference_set("digits")
+    scorer = _scorer(REPO / "models" / "digits-classifier", tmp_path)
+    scores = scorer(images, labels)
+    assert scores["fd_classifier"] == pytest.approx(0.0, abs=1e-6)
+    assert scores["precision_classifier"] == scores["recall_classifier"] == 1.0
+    assert scores["num_samples"] == 1437 and scores["class_accuracy"] > 0.98  # its training digits
+    flipped = scorer(images.flip(-1), labels)  # mirrored digits: another distribution
+    assert flipped["fd_classifier"] > 10 and flipped["recall_classifier"] < 0.9 and flipped["class_accuracy"] < 0.8
+
+
+def test_measure_speed_times_after_warmup(monkeypatch):
+    clock = [0.0]
+    calls = []
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: clock[0])
+
+    def generate(num, seed):
+        calls.append(num)
+        clock[0] += 0.5 if len(calls) == 1 else 0.01 + 0.002 * num  # the first call is slow (warm-up)
+
+    speed = evaluate.measure_speed(generate, batch_size=100, warmup=2, repeats=3)
+    assert calls == [1] * 5 + [100] * 5
+    assert speed["latency_ms"] == pytest.approx(12.0)
+    assert speed["seconds_per_1000"] == pytest.approx(1000 * 0.21 / 100)
+    assert speed["images_per_second"] == pytest.approx(100 / 0.21)
+
+
+def test_markdown_table_has_a_row_per_target_and_skips_missing_columns():
+    rows = [{"name": "a", "fd_classifier": 1.23456, "recall_classifier": 0.5},
+            {"name": "b", "fd_classifier": 2.0, "recall_classifier": 1.0, "seconds_per_1000": 3.0}]
+    table = evaluate.markdown_table(rows, ["classifier"]).splitlines()
+    assert table[0] == "| sampler | FD ↓ | recall ↑ | s / 1,000 ↓ |"
+    assert table[2] == "| a | 1.235 | 0.500 |  |" and table[3] == "| b | 2.000 | 1.000 | 3.00 |"
+
+
+# ---------------------------------------------------------------------------- training and `distill eval`
+
+
+@pytest.fixture(scope="module")
+def scored_run(tiny_teacher, tiny_classifier, tmp_path_factory):
+    from distill import train
+
+    run = tmp_path_factory.mktemp("eval") / "run"
+    train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, tiny_classifier, run, **{
+        "train.max_steps": 4, "eval.every": 1, "train.checkpoint_every": 2, "train.sample_every": 0})])
+    return run
+
+
+def test_training_logs_scores_and_keeps_the_best_checkpoint(scored_run):
+    rows = [json.loads(line) for line in (scored_run / "scores.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"fd_classifier", "kid_classifier", "precision_classifier", "recall_classifier", "class_accuracy"} <= set(rows[0])
+    best = json.loads((scored_run / "checkpoints" / "best" / "scores.json").read_text())
+    winner = min(rows, key=lambda r: r["fd_classifier"])
+    assert best["step"] == winner["step"] and best["fd_classifier"] == pytest.approx(winner["fd_classifier"])
+    assert find_checkpoint(scored_run, "best") == scored_run / "checkpoints" / "best"
+    assert find_checkpoint(scored_run).name == "step-000004"  # 'latest' never picks best
+
+
+def test_best_checkpoint_missing_says_where_it_looked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no best checkpoint at .*eval.every"):
+        find_checkpoint(tmp_path, "best")
+
+
+def test_distill_eval_on_a_run_an_export_and_a_teacher(scored_run, tiny_teacher, tiny_classifier, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    common = ["--num", "30", "--classifier", str(tiny_classifier), "--cache-dir", str(cache), "--batch-size", "15"]
+
+    cli(["eval", str(scored_run), "--checkpoint", "best", "--out", str(tmp_path / "run-eval"), "--no-speed", *common])
+    (row,) = json.loads((tmp_path / "run-eval" / "metrics.json").read_text())
+    assert row["name"].startswith("student run (best), 1 step") and row["num_samples"] == 30
+    assert 0 <= row["precision_classifier"] <= 1 and 0 <= row["class_accuracy"] <= 1
+    assert (tmp_path / "run-eval" / "metrics.md").read_text().startswith("| sampler | FD ↓ | KID ↓ | precision ↑")
+    assert len(list((tmp_path / "run-eval").glob("grid-*.png"))) == 1
+
+    exported = export(scored_run, tmp_path / "export", checkpoint="best")
+    cli(["eval", str(exported), "--out", str(tmp_path / "export-eval"), *common])
+    (exp_row,) = json.loads((tmp_path / "export-eval" / "metrics.json").read_text())
+    # the export under stock diffusers draws the run's samples: same scores
+    assert exp_row["fd_classifier"] == pytest.approx(row["fd_classifier"], rel=1e-4)
+    assert exp_row["latency_ms"] > 0 and exp_row["images_per_second"] > 0
+
+    cli(["eval", str(tiny_teacher), "--solver", "all", "--steps", "2", "--out", str(tmp_path / "teacher-eval"), "--no-speed", *common])
+    names = [r["name"] for r in json.loads((tmp_path / "teacher-eval" / "metrics.json").read_text())]
+    assert names == ["teacher, DDIM, 2 steps", "teacher, DPM-Solver++, 2 steps"]
+    assert "| teacher, DPM-Solver++, 2 steps |" in capsys.readouterr().out
+
+
+def test_distill_eval_rejects_bad_settings_before_sampling(scored_run, tmp_path):
+    with pytest.raises(SystemExit, match="eval.features: unknown feature space 'fid'"):
+        cli(["eval", str(scored_run), "--features", "[fid]", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="neither a run directory"):
+        cli(["eval", str(tmp_path), "--out", str(tmp_path / "x")])
