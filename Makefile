@@ -22,7 +22,7 @@ digits: setup
 	$(PYTHON) -m distill train $(RECIPE) output_dir=$(RUN)
 	$(PYTHON) -m distill export $(RUN) $(RUN)/export
 	$(PYTHON) -m distill sample $(RUN)/export --out $(RUN)/export/samples.png
-	$(PYTHON) scripts/bench_digits.py --run $(RUN) --teacher-steps 4,25 --out $(RUN)/bench.md
+	$(PYTHON) scripts/bench_quality.py --run $(RUN) --teacher-steps 4,25 --out $(RUN)/bench.md
 
 test: setup
 	$(PYTHON) -m pytest -q

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's student as a diffusers pipeline directory")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
-    p.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint directory")
+    p.add_argument("--checkpoint", default="latest", help="'latest', 'best' (kept by eval.every) or a checkpoint directory")
     p.set_defaults(func=_export)
 
     for name, help in (("sample", "draw a sample grid"), ("eval", "score samples: FD, KID, precision/recall, class accuracy, speed")):
