@@ -60,30 +60,54 @@ class StudentConfig:
 
 @dataclass
 class R1Config:
-    kind: Literal["none", "approximated", "exact"] = _field(
-        "none", "regulariser of the discriminator on real inputs: none, approximated R1 (APT) or exact R1"
+    kind: Literal["none", "approximated", "exact", "r2"] = _field(
+        "none", "regulariser of the discriminator: none, approximated R1 (APT), exact R1 on real inputs, or R2 on generated "
+        "inputs (ADD only)"
     )
     weight: float = _field(1.0, "weight of the R1 term in the critic loss (gamma / 2 for exact R1)")
     sigma: float = _field(0.01, "std of the Gaussian perturbation of real inputs for approximated R1")
 
 
 @dataclass
+class DiscriminatorConfig:
+    backbone: Literal["fake_score", "dinov2", "teacher"] = _field(
+        "fake_score",
+        "features the GAN heads read: fake_score (DMD2's fake-score bottleneck), dinov2 (a frozen DINOv2 on decoded "
+        "samples, ADD) or teacher (the frozen teacher's denoiser features on noised samples, LADD)",
+    )
+    dinov2: str = _field("facebook/dinov2-small", "DINOv2 checkpoint (hub id or local dir) of the dinov2 backbone")
+    layers: list[int] = _field(
+        [], "backbone layers the heads read (dinov2: hidden-state indices, [] = 4 evenly spaced; teacher: feature "
+        "module indices, [] = all)"
+    )
+    head_width: int = _field(64, "channels of each per-layer head")
+    augment: bool = _field(False, "differentiable translation + cutout of real and generated inputs (DiffAugment), ADD only")
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["dmd2"] = _field("dmd2", "distillation method")
+    name: Literal["dmd2", "add"] = _field(
+        "dmd2", "distillation method: dmd2, or add (ADD; LADD is add with discriminator.backbone=teacher and distill_weight=0)"
+    )
     dmd_weight: float = _field(1.0, "weight of the distribution-matching loss in the generator loss")
     gan_weight: float = _field(
         0.0, "weight of the generator's GAN loss (0 disables the GAN head and needs no real images)"
     )
-    critic_gan_weight: float = _field(1.0, "weight of the discriminator's GAN loss in the critic loss")
+    critic_gan_weight: float = _field(1.0, "weight of the discriminator's GAN loss in the critic loss (DMD2)")
+    distill_weight: float = _field(2.5, "ADD: weight (lambda) of the score-distillation loss; 0 for LADD")
+    distill_weighting: Literal["exponential", "sds", "constant"] = _field(
+        "exponential", "ADD: c(t) of the score-distillation loss: alpha_t, alpha_t*sigma_t (SDS) or 1"
+    )
     gan_loss: Literal["non_saturating", "hinge", "relativistic"] = _field(
         "non_saturating", "adversarial loss of the GAN term"
     )
     fake_score_updates: int = _field(
-        5, "critic (fake score) updates per student update: DMD2's two time-scale update rule"
+        5, "critic updates (fake score and GAN head; ADD: discriminator) per student update: DMD2's two time-scale update rule"
     )
     t_min: int = _field(20, "smallest timestep at which student samples are re-noised for DMD and the GAN")
     t_max: int = _field(980, "largest timestep at which student samples are re-noised for DMD and the GAN")
     r1: R1Config = _field(R1Config(), "discriminator regulariser")
+    discriminator: DiscriminatorConfig = _field(DiscriminatorConfig(), "the GAN discriminator: backbone and heads")
 
 
 @dataclass
@@ -379,6 +403,28 @@ def validate(config: Config, source: str) -> None:
         _fail(source, "method.t_min", f"need 0 <= t_min < t_max, got {config.method.t_min} and {config.method.t_max}")
     if config.method.r1.kind != "none" and config.method.gan_weight == 0:
         _fail(source, "method.r1.kind", f"{config.method.r1.kind!r} regularises the GAN discriminator, but method.gan_weight is 0")
+    m = config.method
+    if m.name == "add":
+        if m.discriminator.backbone == "fake_score":
+            _fail(source, "method.discriminator.backbone", "ADD has no fake score network: choose dinov2 or teacher")
+        if m.gan_weight == 0:
+            _fail(source, "method.gan_weight", "ADD's adversarial term needs method.gan_weight > 0")
+    else:
+        if m.discriminator.backbone != "fake_score" and m.gan_weight == 0:
+            _fail(source, "method.discriminator.backbone",
+                  f"a {m.discriminator.backbone} discriminator serves DMD2's GAN term, but method.gan_weight is 0")
+        if m.r1.kind == "r2":
+            _fail(source, "method.r1.kind", "r2 is implemented for ADD; DMD2 supports none, approximated and exact")
+        if m.discriminator.augment:
+            _fail(source, "method.discriminator.augment", "augmentation is implemented for ADD only")
+    if m.distill_weight < 0:
+        _fail(source, "method.distill_weight", f"must not be negative, got {m.distill_weight}")
+    if m.discriminator.head_width <= 0:
+        _fail(source, "method.discriminator.head_width", f"must be positive, got {m.discriminator.head_width}")
+    if m.discriminator.backbone == "dinov2":
+        local = _local_or_hub(m.discriminator.dinov2)
+        if local is not None and not (local / "config.json").is_file():
+            _fail(source, "method.discriminator.dinov2", f"{local.resolve()} has no config.json (give a DINOv2 directory or a hub id)")
     if config.method.r1.kind == "approximated" and config.method.r1.sigma <= 0:
         _fail(source, "method.r1.sigma", f"must be positive, got {config.method.r1.sigma}")
 

@@ -136,23 +136,30 @@ class _Scheduler:
         self.from_config = build
 
 
+@torch.no_grad()
+def draw(teacher, sample_x0: Callable, num: int, seed: int, batch_size: int, device) -> tuple[Tensor, Tensor | None]:
+    """Images in [0, 1] [num, C, H, W] and their balanced class labels, in batches;
+    ``sample_x0(noise, cond, generator) -> x0``. The initial noise and every later draw come
+    from one CPU generator seeded with ``seed``, in the order diffusers' loops draw them."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = balanced_labels(num, teacher.num_classes)
+    chunks = []
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
+        cond = teacher.condition({"class_label": labels[start : start + n]}) if labels is not None else {}
+        cond = {k: v.to(device) for k, v in cond.items()}
+        noise = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
+        chunks.append(teacher.decode(sample_x0(noise, cond, generator)).float().cpu())
+    return torch.cat(chunks), labels
+
+
 def pipeline_generate(teacher, scheduler_class, steps: int, *, guidance_scale: float, batch_size: int, device) -> Generate:
     """``generate`` for a diffusers pipeline's denoiser under a stock scheduler loop."""
 
-    def generate(num: int, seed: int) -> tuple[Tensor, Tensor | None]:
-        generator = torch.Generator().manual_seed(seed)
-        labels = balanced_labels(num, teacher.num_classes)
-        chunks = []
-        for start in range(0, num, batch_size):
-            n = min(batch_size, num - start)
-            cond = teacher.condition({"class_label": labels[start : start + n]}) if labels is not None else {}
-            cond = {k: v.to(device) for k, v in cond.items()}
-            noise = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
-            x0 = sample_teacher(teacher, scheduler_class, steps, noise, cond, guidance_scale, generator)
-            chunks.append(teacher.decode(x0).float().cpu())
-        return torch.cat(chunks), labels
+    def sample_x0(noise: Tensor, cond: dict, generator: torch.Generator) -> Tensor:
+        return sample_teacher(teacher, scheduler_class, steps, noise, cond, guidance_scale, generator)
 
-    return generate
+    return lambda num, seed: draw(teacher, sample_x0, num, seed, batch_size, device)
 
 
 def teacher_target(path: str, solver: str, steps: int, *, guidance_scale: float = 1.0, batch_size: int = 500,

@@ -38,9 +38,9 @@ from tqdm.auto import tqdm
 from distill import config as config_lib
 from distill.config import Config
 from distill.data import DigitsDataset, EpochSampler, collate, step_generator
-from distill.discriminators import BottleneckHead
-from distill.evaluate import Scorer, balanced_labels
-from distill.methods import DMD2, Critic
+from distill.discriminators import BottleneckHead, Discriminator
+from distill.evaluate import Scorer, draw
+from distill.methods import ADD, DMD2, Critic
 from distill.students import FewStepSampler, make_student
 from distill.teachers import load_teacher
 
@@ -149,29 +149,30 @@ class DistillTrainer:
         teacher.denoiser.to(self.device)
         return teacher
 
-    def _setup_method(self) -> DMD2:
+    def _setup_method(self) -> DMD2 | ADD:
         m = self.config.method
-        return DMD2(
-            teacher=self.teacher,
-            sampler=self.sampler,
-            guidance_scale=self.config.teacher.guidance_scale,
-            dmd_weight=m.dmd_weight,
-            gan_weight=m.gan_weight,
-            critic_gan_weight=m.critic_gan_weight,
-            gan_loss=m.gan_loss,
-            t_min=m.t_min,
-            t_max=m.t_max,
-            r1_kind=m.r1.kind,
-            r1_weight=m.r1.weight,
-            r1_sigma=m.r1.sigma,
-            backward_simulation=self.config.student.backward_simulation,
-        )
+        common = dict(teacher=self.teacher, sampler=self.sampler, guidance_scale=self.config.teacher.guidance_scale,
+                      gan_weight=m.gan_weight, gan_loss=m.gan_loss, t_min=m.t_min, t_max=m.t_max,
+                      r1_kind=m.r1.kind, r1_weight=m.r1.weight, r1_sigma=m.r1.sigma)
+        if m.name == "add":
+            return ADD(**common, distill_weight=m.distill_weight, distill_weighting=m.distill_weighting,
+                       augment=m.discriminator.augment)
+        return DMD2(**common, dmd_weight=m.dmd_weight, critic_gan_weight=m.critic_gan_weight,
+                    backward_simulation=self.config.student.backward_simulation,
+                    discriminator_backbone=m.discriminator.backbone)
 
-    def _setup_critic(self) -> Critic:
+    def _setup_critic(self) -> Critic | Discriminator:
+        method, d = self.config.method, self.config.method.discriminator
+        discriminator = None
+        if d.backbone != "fake_score":
+            discriminator = Discriminator(backbone=d.backbone, teacher=self.teacher, dinov2=d.dinov2, layers=d.layers,
+                                          width=d.head_width, device=self.device)
+        if method.name == "add":
+            return discriminator
         head = None
-        if self.method.uses_gan:
+        if self.method.uses_gan and discriminator is None:
             head = BottleneckHead(self.teacher.bottleneck_channels(), num_classes=self.teacher.num_classes)
-        return Critic(make_student(self.teacher.denoiser), self.teacher, head)
+        return Critic(make_student(self.teacher.denoiser), self.teacher, head, discriminator if self.method.uses_gan else None)
 
     def _setup_optimizer(self, parameters, optim: config_lib.OptimizerConfig):
         optimizer = torch.optim.AdamW(parameters, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
@@ -305,8 +306,8 @@ class DistillTrainer:
             with open(self.output_dir / "losses.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
             progress.set_postfix(
-                dmd=f"{scalars.get('generator/dmd_loss', float('nan')):.4f}",
-                fake=f"{scalars.get('critic/denoising_loss', float('nan')):.4f}",
+                generator=f"{scalars.get('generator/generator_loss', float('nan')):.4f}",
+                critic=f"{scalars.get('critic/critic_loss', float('nan')):.4f}",
             )
 
     # ---------------------------------------------------------------------- checkpoints
@@ -419,21 +420,14 @@ def scorer_from_config(e: config_lib.EvalConfig, dataset: str, device) -> Scorer
                   kid_subset_size=e.kid_subset_size, batch_size=e.batch_size, device=device)
 
 
-@torch.no_grad()
 def generate(teacher, student, sampler: FewStepSampler, num: int, seed: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images in [0, 1] [num, C, H, W] from the student's few-step sampler, and their class
     labels (balanced), drawn with one CPU generator seeded with ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = balanced_labels(num, teacher.num_classes)
-    chunks = []
-    for start in range(0, num, batch_size):
-        n = min(batch_size, num - start)
-        cond = teacher.condition({"class_label": labels[start : start + n]}) if labels is not None else {}
-        cond = {k: v.to(device) for k, v in cond.items()}
-        noise = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
-        x0 = sampler.sample(lambda x_t, t: teacher.x0(student, x_t, t, cond), noise, generator)
-        chunks.append(teacher.decode(x0).float().cpu())
-    return torch.cat(chunks), labels
+
+    def sample_x0(noise, cond, generator):
+        return sampler.sample(lambda x_t, t: teacher.x0(student, x_t, t, cond), noise, generator)
+
+    return draw(teacher, sample_x0, num, seed, batch_size, device)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

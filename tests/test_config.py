@@ -19,9 +19,10 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
 @pytest.fixture
-def tiny(tiny_teacher, tiny_classifier) -> list[str]:
-    """Overrides pointing a recipe at the tiny fixtures instead of models/."""
-    return [f"teacher.path={tiny_teacher}", f"eval.classifier={tiny_classifier}"]
+def tiny(tiny_teacher, tiny_classifier, tiny_dinov2) -> list[str]:
+    """Overrides pointing a recipe at the tiny fixtures instead of models/ (the DINOv2 one
+    only matters to recipes with the dinov2 backbone)."""
+    return [f"teacher.path={tiny_teacher}", f"eval.classifier={tiny_classifier}", f"method.discriminator.dinov2={tiny_dinov2}"]
 
 
 def write_recipe(tmp_path: Path, data, tiny_teacher: Path | None = None, name: str = "recipe.yaml") -> Path:
@@ -327,7 +328,7 @@ def test_describe_covers_every_leaf_key():
     assert rows["student.timesteps"][1] == [500]
     assert all(help for help, _ in rows.values())
     assert "teacher" not in rows  # sections are not leaves
-    assert len(rows) == 51
+    assert len(rows) == 58
 
 
 def test_describe_reports_the_real_defaults():

@@ -9,16 +9,22 @@ from distill.losses.adversarial import (
     discriminator_adversarial_loss,
     generator_adversarial_loss,
 )
+from distill.losses.distillation import DISTILL_WEIGHTINGS, distillation_weight, score_distillation_loss
 from distill.losses.dmd import denoising_loss, dmd_loss
-from distill.losses.r1 import approximated_r1_penalty, r1_penalty, r2_penalty
+from distill.losses.r1 import REGULARISERS, approximated_r1_penalty, discriminator_penalty, r1_penalty, r2_penalty
 
 __all__ = [
     "ADVERSARIAL_LOSSES",
+    "DISTILL_WEIGHTINGS",
+    "REGULARISERS",
     "approximated_r1_penalty",
     "denoising_loss",
+    "discriminator_penalty",
     "discriminator_adversarial_loss",
+    "distillation_weight",
     "dmd_loss",
     "generator_adversarial_loss",
     "r1_penalty",
     "r2_penalty",
+    "score_distillation_loss",
 ]

@@ -100,3 +100,28 @@ def approximated_r1_penalty(
         "approx_r1_raw": per_sample.detach().mean(),
     }
     return penalty, logs
+
+
+REGULARISERS = ("approximated", "exact", "r2")
+
+
+def discriminator_penalty(
+    kind: str,
+    *,
+    real_logits: torch.Tensor,
+    fake_logits: torch.Tensor,
+    perturbed_logits: torch.Tensor | None = None,
+    real_inputs: torch.Tensor | None = None,
+    fake_inputs: torch.Tensor | None = None,
+    sigma: float = 0.0,
+) -> tuple[torch.Tensor, Logs]:
+    """The discriminator regulariser ``kind`` (one of ``REGULARISERS``) from what the caller
+    computed for it: ``approximated`` needs ``perturbed_logits`` and ``sigma``, ``exact`` the
+    ``real_inputs`` that required grad, ``r2`` the ``fake_inputs`` that required grad."""
+    if kind == "approximated":
+        return approximated_r1_penalty(real_logits, perturbed_logits, sigma)
+    if kind == "exact":
+        return r1_penalty(real_logits, real_inputs)
+    if kind == "r2":
+        return r2_penalty(fake_logits, fake_inputs)
+    raise ValueError(f"unknown discriminator regulariser {kind!r}; valid: {REGULARISERS}")

@@ -19,33 +19,40 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distill.losses import (
-    approximated_r1_penalty,
     denoising_loss,
     discriminator_adversarial_loss,
+    discriminator_penalty,
     dmd_loss,
     generator_adversarial_loss,
-    r1_penalty,
 )
 from distill.students import FewStepSampler
 from distill.teachers import Teacher, cat_conditions
 
 
 class Critic(nn.Module):
-    """The fake score network, plus an optional GAN head on its bottleneck features.
+    """The fake score network, plus the GAN discriminator: a head on the fake score's
+    bottleneck features, or a separate ``Discriminator`` (frozen DINOv2 or teacher
+    features with trainable heads) that reads clean samples ``disc = (x0, t, noise, cond)``.
 
     One forward returns both, so DDP sees a single forward per backward.
     """
 
-    def __init__(self, denoiser: nn.Module, teacher: Teacher, head: nn.Module | None = None):
+    def __init__(self, denoiser: nn.Module, teacher: Teacher, head: nn.Module | None = None,
+                 discriminator: nn.Module | None = None):
         super().__init__()
         self.denoiser = denoiser
         self.head = head
+        self.discriminator = discriminator
         self._teacher = teacher  # adapter: how to call the denoiser and find its bottleneck
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], with_logits: bool = False):
-        """(model output [B, C, H, W], logits [B] or None)."""
+    def forward(self, x_t: Tensor | None, t: Tensor | None, cond: dict[str, Tensor], with_logits: bool = False,
+                disc: tuple | None = None):
+        """(model output [B, C, H, W] or None when ``x_t`` is None, logits [B] / [B, K] or None)."""
         if not with_logits:
             return self._teacher.output(self.denoiser, x_t, t, cond), None
+        if self.discriminator is not None:
+            output = self._teacher.output(self.denoiser, x_t, t, cond) if x_t is not None else None
+            return output, self.discriminator(*disc)
         if self.head is None:
             raise ValueError("this critic has no GAN head (method.gan_weight is 0)")
         captured = {}
@@ -61,6 +68,25 @@ class Critic(nn.Module):
 
 def _to(cond: dict[str, Tensor], device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in cond.items()}
+
+
+def student_x0(teacher: Teacher, sampler: FewStepSampler, student: nn.Module, batch: dict, cond: dict,
+               generator: torch.Generator, *, grad: bool, backward_simulation: bool) -> Tensor:
+    """x0 of the student at one of its steps, chosen at random. The first step's input is
+    pure noise, as in sampling; a later step's input comes from running the student's own
+    earlier steps (backward simulation, DMD2 §4.5) or from a real image noised to that
+    step's timestep (ADD §3.1)."""
+    device = next(iter(cond.values())).device if cond else batch["image"].device
+    n = len(batch["class_label"]) if "class_label" in batch else len(batch["image"])
+    noise = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
+    k = int(torch.randint(0, len(sampler), (1,), generator=generator))
+    x0_fn = lambda x_t, t: teacher.x0(student, x_t, t, cond)
+    if backward_simulation or k == 0:
+        x_t = sampler.simulate(x0_fn, noise, k, generator)
+    else:
+        x_t = teacher.schedule.add_noise(teacher.encode_images(batch["image"].to(device)), noise, sampler.timestep(k, noise))
+    with nullcontext() if grad else torch.no_grad():
+        return x0_fn(x_t, sampler.timestep(k, x_t))
 
 
 class DMD2:
@@ -80,6 +106,7 @@ class DMD2:
         r1_weight: float,
         r1_sigma: float,
         backward_simulation: bool,
+        discriminator_backbone: str = "fake_score",
     ):
         self.teacher, self.sampler = teacher, sampler
         self.schedule = teacher.schedule
@@ -89,6 +116,7 @@ class DMD2:
         self.t_min, self.t_max = t_min, t_max
         self.r1_kind, self.r1_weight, self.r1_sigma = r1_kind, r1_weight, r1_sigma
         self.backward_simulation = backward_simulation
+        self.separate_discriminator = discriminator_backbone != "fake_score"
 
     @property
     def uses_gan(self) -> bool:
@@ -109,19 +137,14 @@ class DMD2:
         return self.teacher.encode_images(batch["image"].to(device))
 
     def student_x0(self, student: nn.Module, batch: dict, cond: dict, generator: torch.Generator, grad: bool) -> Tensor:
-        """x0 of the student at one of its steps, chosen at random; the step's input comes
-        from backward simulation (DMD2 §4.5) or, if that is off, from a noised real image."""
-        device = next(iter(cond.values())).device if cond else batch["image"].device
-        n = len(batch["class_label"]) if "class_label" in batch else len(batch["image"])
-        noise = torch.randn((n, *self.teacher.sample_shape), generator=generator).to(device)
-        k = int(torch.randint(0, len(self.sampler), (1,), generator=generator))
-        x0_fn = lambda x_t, t: self.teacher.x0(student, x_t, t, cond)
-        if self.backward_simulation or k == 0:
-            x_t = self.sampler.simulate(x0_fn, noise, k, generator)
-        else:
-            x_t = self.schedule.add_noise(self._real_x0(batch, device), noise, self.sampler.timestep(k, noise))
-        with nullcontext() if grad else torch.no_grad():
-            return x0_fn(x_t, self.sampler.timestep(k, x_t))
+        return student_x0(self.teacher, self.sampler, student, batch, cond, generator, grad=grad,
+                          backward_simulation=self.backward_simulation)
+
+    def _logits(self, critic: Critic, x0: Tensor, t: Tensor, noise: Tensor, cond: dict) -> Tensor:
+        """The discriminator's logits on x0 (noised to t with ``noise`` where it reads noisy inputs)."""
+        if self.separate_discriminator:
+            return critic(None, None, cond, with_logits=True, disc=(x0, t, noise, cond))[1]
+        return critic(self.schedule.add_noise(x0, noise, t), t, cond, with_logits=True)[1]
 
     # ------------------------------------------------------------------------------------
     def generator_loss(self, student: nn.Module, critic: Critic, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
@@ -141,14 +164,12 @@ class DMD2:
 
         if self.uses_gan:
             t_gan = self._timesteps(len(x0_student), generator, device)
-            x_t_fake = self.schedule.add_noise(x0_student, self._randn(x0_student, generator), t_gan)
-            _, logits_fake = critic(x_t_fake, t_gan, cond, with_logits=True)
+            logits_fake = self._logits(critic, x0_student, t_gan, self._randn(x0_student, generator), cond)
             logits_real = None
             if self.gan_loss == "relativistic":
                 with torch.no_grad():
                     x0 = self._real_x0(batch, device)
-                    x_t_real = self.schedule.add_noise(x0, self._randn(x0, generator), t_gan)
-                    _, logits_real = critic(x_t_real, t_gan, cond, with_logits=True)
+                    logits_real = self._logits(critic, x0, t_gan, self._randn(x0, generator), cond)
             loss_gan, gan_logs = generator_adversarial_loss(logits_fake, logits_real, kind=self.gan_loss)
             loss = loss + self.gan_weight * loss_gan
             logs.update(gan_logs)
@@ -174,30 +195,42 @@ class DMD2:
 
         x0_real = self._real_x0(batch, device)
         t_real = self._timesteps(n, generator, device)
-        x_t_real = self.schedule.add_noise(x0_real, self._randn(x0_real, generator), t_real)
-        inputs, times, conds = [x_t, x_t_real], [t, t_real], [cond, cond]
+        noise_real = self._randn(x0_real, generator)
+        # the discriminator's inputs: noised samples through the fake score's bottleneck, or
+        # clean samples (with their noise and timesteps) through a separate discriminator
+        if self.separate_discriminator:
+            inputs, noises = [x0_student, x0_real], [noise, noise_real]
+        else:
+            inputs = [x_t, self.schedule.add_noise(x0_real, noise_real, t_real)]
+        times, conds = [t, t_real], [cond, cond]
         if self.r1_kind == "approximated":
-            inputs.append(x_t_real + self.r1_sigma * self._randn(x_t_real, generator))
+            inputs.append(inputs[1] + self.r1_sigma * self._randn(inputs[1], generator))
             times.append(t_real)
             conds.append(cond)
+            if self.separate_discriminator:
+                noises.append(noise_real)
         elif self.r1_kind == "exact":
-            x_t_real = x_t_real.detach().requires_grad_(True)
-            inputs[1] = x_t_real
+            inputs[1] = inputs[1].detach().requires_grad_(True)
+        r1_inputs = inputs[1]
         # Exact R1 differentiates twice; PyTorch's fused attention kernels have no double backward.
         attention = sdpa_kernel(SDPBackend.MATH) if self.r1_kind == "exact" else nullcontext()
+        all_conds = cat_conditions(conds) if cond else {}
         with attention:
-            output, logits = critic(torch.cat(inputs), torch.cat(times), cat_conditions(conds) if cond else {}, with_logits=True)
+            if self.separate_discriminator:
+                disc = (torch.cat(inputs), torch.cat(times), torch.cat(noises), all_conds)
+                output, logits = critic(x_t, t, cond, with_logits=True, disc=disc)
+            else:
+                output, logits = critic(torch.cat(inputs), torch.cat(times), all_conds, with_logits=True)
         loss, logs = denoising_loss(output[:n], target)
         logits_fake, logits_real = logits[:n], logits[n : 2 * n]
         loss_d, d_logs = discriminator_adversarial_loss(logits_real, logits_fake, kind=self.gan_loss)
         loss = loss + self.critic_gan_weight * loss_d
         logs.update(d_logs)
-        if self.r1_kind == "approximated":
-            loss_r1, r1_logs = approximated_r1_penalty(logits_real, logits[2 * n :], self.r1_sigma)
-        elif self.r1_kind == "exact":
-            loss_r1, r1_logs = r1_penalty(logits_real, x_t_real)
         if self.r1_kind != "none":
-            loss = loss + self.r1_weight * loss_r1
-            logs.update(r1_logs)
+            penalty, penalty_logs = discriminator_penalty(
+                self.r1_kind, real_logits=logits_real, fake_logits=logits_fake, perturbed_logits=logits[2 * n :],
+                real_inputs=r1_inputs, sigma=self.r1_sigma)
+            loss = loss + self.r1_weight * penalty
+            logs.update(penalty_logs)
         logs["critic_loss"] = loss.detach()
         return loss, logs

@@ -43,6 +43,10 @@ class Teacher(Protocol):
 
     def bottleneck_channels(self) -> int: ...
 
+    def feature_modules(self, denoiser: nn.Module) -> list[nn.Module]: ...  # outputs: [B, C_i, H_i, W_i] (first of a tuple)
+
+    def feature_channels(self) -> list[int]: ...
+
 
 def cat_conditions(conds: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Concatenate conditionings along the batch dimension (every value is batch-first)."""

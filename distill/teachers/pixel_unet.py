@@ -94,3 +94,12 @@ class PixelUNetTeacher:
 
     def bottleneck_channels(self) -> int:
         return self.denoiser.config.block_out_channels[-1]
+
+    def feature_modules(self, denoiser: nn.Module) -> list[nn.Module]:
+        """Modules whose outputs are the denoiser's features for a discriminator (LADD): each
+        down block's output, then the bottleneck."""
+        return [*denoiser.down_blocks, denoiser.mid_block]
+
+    def feature_channels(self) -> list[int]:
+        channels = list(self.denoiser.config.block_out_channels)
+        return [*channels, channels[-1]]

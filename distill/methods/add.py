@@ -1,0 +1,141 @@
+"""ADD (Sauer et al. 2023, "Adversarial Diffusion Distillation") and LADD (Sauer et al. 2024,
+"Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion Distillation").
+
+Generator phase (ADD eq. 5): the adversarial loss of the student's samples under a
+discriminator (frozen backbone + trainable heads), plus ``distill_weight`` times the score
+distillation loss (eq. 4): the distance between the student's x0 and the teacher's x0
+estimate of it re-noised to a random t, weighted by c(t). LADD is this with the teacher's
+own features as the discriminator backbone and no distillation term (``distill_weight=0``).
+Critic phase: the discriminator's loss on real images against student samples, plus an
+optional regulariser: approximated R1 (APT), exact R1 or R2 (R3GAN).
+
+Every random draw comes from the ``generator`` argument, so a step is reproducible.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from distill.discriminators.backbones import Discriminator, translate_and_cutout
+from distill.losses import (
+    discriminator_adversarial_loss,
+    discriminator_penalty,
+    distillation_weight,
+    generator_adversarial_loss,
+    score_distillation_loss,
+)
+from distill.methods.dmd2 import _to, student_x0
+from distill.students import FewStepSampler
+from distill.teachers import Teacher, cat_conditions
+
+
+class ADD:
+    def __init__(
+        self,
+        *,
+        teacher: Teacher,
+        sampler: FewStepSampler,
+        guidance_scale: float,
+        gan_weight: float,
+        distill_weight: float,
+        distill_weighting: str,
+        gan_loss: str,
+        t_min: int,
+        t_max: int,
+        r1_kind: str,
+        r1_weight: float,
+        r1_sigma: float,
+        augment: bool,
+    ):
+        self.teacher, self.sampler, self.schedule = teacher, sampler, teacher.schedule
+        self.guidance_scale = guidance_scale
+        self.gan_weight, self.distill_weight, self.distill_weighting = gan_weight, distill_weight, distill_weighting
+        self.gan_loss = gan_loss
+        self.t_min, self.t_max = t_min, t_max
+        self.r1_kind, self.r1_weight, self.r1_sigma = r1_kind, r1_weight, r1_sigma
+        self.augment = augment
+
+    uses_gan = True
+
+    def _augment(self, x0: Tensor, generator: torch.Generator) -> Tensor:
+        return translate_and_cutout(x0, generator) if self.augment else x0
+
+    def _randn(self, like: Tensor, generator: torch.Generator) -> Tensor:
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+
+    def _timesteps(self, n: int, generator: torch.Generator, device) -> Tensor:
+        return self.schedule.sample_timesteps(n, generator=generator, t_min=self.t_min, t_max=self.t_max, device=device)
+
+    def _x0(self, student: nn.Module, batch: dict, cond: dict, generator: torch.Generator, grad: bool) -> Tensor:
+        return student_x0(self.teacher, self.sampler, student, batch, cond, generator, grad=grad, backward_simulation=False)
+
+    # ------------------------------------------------------------------------------------
+    def generator_loss(self, student: nn.Module, critic: Discriminator, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
+        """Generator phase. ``student`` trains (a prepared module); ``critic`` is frozen."""
+        cond = _to(self.teacher.condition(batch), device)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        x0_student = self._x0(student, batch, cond, generator, grad=True)
+        n = len(x0_student)
+
+        t = self._timesteps(n, generator, device)
+        noise = self._randn(x0_student, generator)
+        logits_fake = critic(self._augment(x0_student, generator), t, noise, cond)
+        logits_real = None
+        if self.gan_loss == "relativistic":
+            with torch.no_grad():
+                x0_real = self._augment(self.teacher.encode_images(batch["image"]), generator)
+                logits_real = critic(x0_real, t, self._randn(x0_real, generator), cond)
+        loss_gan, logs = generator_adversarial_loss(logits_fake, logits_real, kind=self.gan_loss)
+        loss = self.gan_weight * loss_gan
+
+        if self.distill_weight > 0:
+            t_d = self._timesteps(n, generator, device)
+            with torch.no_grad():
+                x_t = self.schedule.add_noise(x0_student.detach(), self._randn(x0_student, generator), t_d)
+                x0_teacher = self.teacher.x0(self.teacher.denoiser, x_t, t_d, cond, self.guidance_scale)
+            alpha, sigma = self.schedule.alpha_sigma(t_d, ndim=1)
+            weight = distillation_weight(self.distill_weighting, alpha.to(device), sigma.to(device))
+            loss_distill, distill_logs = score_distillation_loss(x0_student, x0_teacher, weight)
+            loss = loss + self.distill_weight * loss_distill
+            logs.update(distill_logs)
+        logs["generator_loss"] = loss.detach()
+        logs["student_x0_abs_max"] = x0_student.detach().abs().amax()
+        return loss, logs
+
+    def critic_loss(self, student: nn.Module, critic: nn.Module, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
+        """Critic phase: real images against student samples, in one discriminator forward."""
+        cond = _to(self.teacher.condition(batch), device)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        x0_fake = self._augment(self._x0(student, batch, cond, generator, grad=False), generator)
+        x0_real = self._augment(self.teacher.encode_images(batch["image"]), generator)
+        n = len(x0_fake)
+        t = self._timesteps(2 * n, generator, device)
+        noise = self._randn(torch.cat([x0_fake, x0_real]), generator)
+        inputs, times, noises, conds = [x0_fake, x0_real], [t], [noise], [cond, cond]
+        if self.r1_kind == "approximated":  # APT: the same (augmented) real inputs, perturbed
+            inputs.append(x0_real + self.r1_sigma * self._randn(x0_real, generator))
+            times.append(t[n:])
+            noises.append(noise[n:])
+            conds.append(cond)
+        elif self.r1_kind == "exact":
+            inputs[1] = x0_real = x0_real.detach().requires_grad_(True)
+        elif self.r1_kind == "r2":
+            inputs[0] = x0_fake = x0_fake.detach().requires_grad_(True)
+        # Exact R1 / R2 differentiate twice; PyTorch's fused attention kernels have no double backward.
+        attention = sdpa_kernel(SDPBackend.MATH) if self.r1_kind in ("exact", "r2") else nullcontext()
+        with attention:
+            logits = critic(torch.cat(inputs), torch.cat(times), torch.cat(noises), cat_conditions(conds) if cond else {})
+        logits_fake, logits_real = logits[:n], logits[n : 2 * n]
+        loss, logs = discriminator_adversarial_loss(logits_real, logits_fake, kind=self.gan_loss)
+        if self.r1_kind != "none":
+            penalty, penalty_logs = discriminator_penalty(
+                self.r1_kind, real_logits=logits_real, fake_logits=logits_fake, perturbed_logits=logits[2 * n :],
+                real_inputs=x0_real, fake_inputs=x0_fake, sigma=self.r1_sigma)
+            loss = loss + self.r1_weight * penalty
+            logs.update(penalty_logs)
+        logs["critic_loss"] = loss.detach()
+        return loss, logs

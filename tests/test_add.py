@@ -1,0 +1,193 @@
+"""ADD / LADD: score distillation against hand values, the discriminator heads and backbones
+(gradients reach the heads and the sample, never the frozen backbone), augmentation, the
+regularisers with every backbone, and the ADD and LADD recipes trained through the real
+trainer on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+
+from distill import config as config_lib
+from distill.discriminators import Discriminator, Heads, MapHead, TokenHead, translate_and_cutout
+from distill.discriminators.backbones import evenly_spaced_layers
+from distill.losses import distillation_weight, score_distillation_loss
+from distill.teachers import load_teacher
+from distill.trainer import DistillTrainer
+
+RECIPES = {name: str(REPO / "recipes" / f"digits-{name}-1step.yaml") for name in ("add", "ladd", "dmd2-dinov2")}
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def test_score_distillation_loss_by_hand():
+    x0_student = torch.tensor([[1.0, 2.0], [0.0, 0.0]], requires_grad=True)
+    x0_teacher = torch.tensor([[0.0, 0.0], [1.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([0.5, 2.0])
+    loss, logs = score_distillation_loss(x0_student, x0_teacher, weight)
+    # per-sample mse: (1 + 4) / 2 = 2.5 and (1 + 1) / 2 = 1; weighted mean: (0.5 * 2.5 + 2 * 1) / 2
+    assert loss.item() == pytest.approx(1.625)
+    assert float(logs["distill_mse"]) == pytest.approx(1.75)
+    loss.backward()
+    assert x0_teacher.grad is None  # the teacher's estimate is a target (stop-gradient)
+    assert torch.allclose(x0_student.grad, torch.tensor([[0.25, 0.5], [-1.0, -1.0]]))
+
+
+def test_distillation_weightings():
+    alpha, sigma = torch.tensor([0.8, 0.6]), torch.tensor([0.6, 0.8])
+    assert torch.allclose(distillation_weight("exponential", alpha, sigma), alpha)
+    assert torch.allclose(distillation_weight("sds", alpha, sigma), torch.tensor([0.48, 0.48]))
+    assert torch.equal(distillation_weight("constant", alpha, sigma), torch.ones(2))
+    with pytest.raises(ValueError, match="unknown distillation weighting 'snr'"):
+        distillation_weight("snr", alpha, sigma)
+
+
+# ---------------------------------------------------------------------------- heads and backbones
+
+
+def test_heads_give_one_logit_per_position_and_condition_by_projection():
+    torch.manual_seed(0)
+    tokens, maps = torch.randn(3, 5, 16), torch.randn(3, 8, 4, 4)
+    token_head, map_head = TokenHead(16, width=8, num_classes=10), MapHead(8, width=8, num_classes=10)
+    assert token_head(tokens).shape == (3, 5) and map_head(maps).shape == (3, 16)
+    labels = torch.tensor([1, 2, 3])
+    assert not torch.allclose(token_head(tokens, labels), token_head(tokens))
+    assert not torch.allclose(token_head(tokens, labels), token_head(tokens, labels + 1))
+    assert all(hasattr(m, "parametrizations") for m in token_head.modules() if isinstance(m, torch.nn.Conv1d))
+    heads = Heads("maps", [8, 8], width=8)
+    assert heads([maps, maps]).shape == (3, 32)
+    with pytest.raises(ValueError, match="2 heads got features of 1 layers"):
+        heads([maps])
+
+
+def test_evenly_spaced_layers():
+    assert evenly_spaced_layers(12) == [3, 6, 9, 12]
+    assert evenly_spaced_layers(2) == [1, 2]
+
+
+@pytest.mark.parametrize("backbone", ["dinov2", "teacher"])
+def test_gradients_reach_heads_and_sample_but_not_the_frozen_backbone(backbone, tiny_teacher, tiny_dinov2):
+    teacher = load_teacher(str(tiny_teacher))
+    disc = Discriminator(backbone=backbone, teacher=teacher, dinov2=str(tiny_dinov2), width=8)
+    frozen = disc._dinov2.model if backbone == "dinov2" else teacher.denoiser
+    assert not any(name.startswith(("_dinov2", "_teacher")) for name in disc.state_dict())  # heads only
+    assert all(not p.requires_grad for p in frozen.parameters())
+    before = [p.clone() for p in frozen.parameters()]
+
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.rand(4, 1, 8, 8, generator=g) * 2 - 1).requires_grad_(True)
+    t, noise = torch.full((4,), 400), torch.randn(4, 1, 8, 8, generator=g)
+    logits = disc(x0, t, noise, {"class_labels": torch.tensor([0, 1, 2, 3])})
+    assert logits.shape[0] == 4 and logits.dim() == 2
+    optimizer = torch.optim.SGD(disc.parameters(), lr=0.1)
+    logits.mean().backward()
+    assert x0.grad is not None and x0.grad.abs().sum() > 0  # the student would get a gradient
+    assert all(p.grad is not None for p in disc.heads.parameters())
+    assert all(p.grad is None for p in frozen.parameters())
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen.parameters()))
+
+
+def test_translate_and_cutout_is_random_per_sample_differentiable_and_reproducible():
+    x = torch.ones(4, 1, 8, 8, requires_grad=True)
+    a = translate_and_cutout(x, torch.Generator().manual_seed(0))
+    b = translate_and_cutout(x, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert ((a == 0).flatten(1).sum(1) >= 9).all()  # every sample lost at least the cutout's 3x3
+    assert not torch.equal(a[0], a[1]) or not torch.equal(a[2], a[3])
+    a.sum().backward()
+    assert set(x.grad.unique().tolist()) <= {0.0, 1.0}  # each output pixel copies one input pixel or is zeroed
+
+
+def test_approximated_r1_approaches_exact_r1_on_the_discriminator(tiny_teacher):
+    from distill.losses import approximated_r1_penalty, r1_penalty
+
+    teacher = load_teacher(str(tiny_teacher))
+    torch.manual_seed(0)
+    disc = Discriminator(backbone="teacher", teacher=teacher, width=8)
+    g = torch.Generator().manual_seed(1)
+    x0 = (torch.rand(2, 1, 8, 8, generator=g) * 2 - 1).requires_grad_(True)
+    t, noise, cond = torch.full((2,), 300), torch.randn(2, 1, 8, 8, generator=g), {"class_labels": torch.tensor([4, 7])}
+    exact, _ = r1_penalty(disc(x0, t, noise, cond), x0)
+    replicas, sigma = 512, 1e-2
+    with torch.no_grad():
+        big = lambda v: v.repeat_interleave(replicas, dim=0)
+        x, cond_big = big(x0.detach()), {"class_labels": big(cond["class_labels"])}
+        perturbed = x + sigma * torch.randn(x.shape, generator=g)
+        estimate, _ = approximated_r1_penalty(disc(x, big(t), big(noise), cond_big), disc(perturbed, big(t), big(noise), cond_big), sigma)
+    # E_n |D(x + sigma n) - D(x)|^2 / sigma^2 -> |grad_x D|^2 (summed over the logits' entries) as sigma -> 0
+    assert float(estimate) == pytest.approx(float(exact), rel=0.25)
+
+
+# ---------------------------------------------------------------------------- recipes and config
+
+
+@pytest.mark.parametrize(
+    "name, r1", [("add", "approximated"), ("add", "exact"), ("add", "r2"), ("ladd", "approximated"), ("ladd", "exact"),
+                 ("ladd", "r2"), ("dmd2-dinov2", "approximated"), ("dmd2-dinov2", "exact")],
+)
+def test_recipe_trains_heads_and_student_never_the_backbone(name, r1, tiny_teacher, tiny_dinov2, tmp_path):
+    overrides = tiny_overrides(tiny_teacher, None, tmp_path / "run", **{
+        "method.discriminator.dinov2": str(tiny_dinov2), "method.discriminator.head_width": 8,
+        "method.r1.kind": r1, "train.sample_every": 0, "train.ema_decay": 0})
+    trainer = DistillTrainer(config_lib.load(RECIPES[name], overrides))
+    trainer.setup()
+    critic = trainer.accelerator.unwrap_model(trainer.critic)
+    critic = critic.discriminator if name == "dmd2-dinov2" else critic  # DMD2's critic also holds the fake score
+    student = trainer.accelerator.unwrap_model(trainer.student)
+    backbone = trainer.teacher.denoiser if name == "ladd" else critic._dinov2.model
+    snapshot = lambda module: [p.detach().clone() for p in module.parameters()]
+    heads, frozen, weights = snapshot(critic.heads), snapshot(backbone), snapshot(student)
+    trainer.train()
+
+    changed = lambda before, module: any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert changed(heads, critic.heads) and changed(weights, student)
+    assert not changed(frozen, backbone)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    penalty = {"approximated": "critic/approx_r1_penalty", "exact": "critic/r1_penalty", "r2": "critic/r2_penalty"}[r1]
+    assert all(math.isfinite(row[penalty]) and row[penalty] >= 0 for row in rows)
+    assert ("generator/distill_loss" in rows[0]) == (name == "add")  # LADD has no distillation term
+    assert ("generator/dmd_loss" in rows[0]) == (name == "dmd2-dinov2")
+
+
+@pytest.mark.parametrize(
+    "overrides, key, message",
+    [
+        (["method.name=add", "method.gan_weight=1"], "method.discriminator.backbone", "ADD has no fake score network"),
+        (["method.name=add", "method.discriminator.backbone=teacher", "method.gan_weight=0"], "method.gan_weight", "needs method.gan_weight > 0"),
+        (["method.r1.kind=r2", "method.gan_weight=1"], "method.r1.kind", "r2 is implemented for ADD"),
+        (["method.discriminator.backbone=teacher", "method.gan_weight=0"], "method.discriminator.backbone", "but method.gan_weight is 0"),
+        (["method.name=add", "method.gan_weight=1", "method.discriminator.backbone=dinov2",
+          "method.discriminator.dinov2=./no/dinov2"], "method.discriminator.dinov2", "has no config.json"),
+        (["method.distill_weighting=snr"], "method.distill_weighting", "snr"),
+    ],
+)
+def test_add_settings_are_checked_before_weights_load(overrides, key, message, tiny_teacher, tmp_path):
+    with pytest.raises(config_lib.ConfigError) as excinfo:
+        config_lib.load(RECIPES["add"], [
+            f"teacher.path={tiny_teacher}", "eval.features=[]", "eval.every=0", "eval.classifier=null",
+            # start from a valid DMD2 setting, then apply the case's overrides
+            "method.name=dmd2", "method.discriminator.backbone=fake_score", "method.r1.kind=none",
+            "method.discriminator.dinov2=org/name", *overrides])
+    assert f"{key}:" in str(excinfo.value) and message in str(excinfo.value)
+
+
+def test_discriminator_penalty_dispatches_to_each_regulariser():
+    from distill.losses import approximated_r1_penalty, discriminator_penalty, r1_penalty, r2_penalty
+
+    x = torch.randn(3, 4, requires_grad=True)
+    y = torch.randn(3, 4, requires_grad=True)
+    d = lambda v: (v ** 2).sum(1)
+    real, fake, perturbed = d(x), d(y), d(x + 0.01)
+    kwargs = dict(real_logits=real, fake_logits=fake, perturbed_logits=perturbed, real_inputs=x, fake_inputs=y, sigma=0.01)
+    assert torch.equal(discriminator_penalty("approximated", **kwargs)[0], approximated_r1_penalty(real, perturbed, 0.01)[0])
+    assert torch.allclose(discriminator_penalty("exact", **kwargs)[0], r1_penalty(real, x)[0])
+    assert torch.allclose(discriminator_penalty("r2", **kwargs)[0], r2_penalty(fake, y)[0])
+    assert torch.allclose(r1_penalty(real, x)[0], (4 * x.detach() ** 2).sum(1).mean())  # |2x|^2
+    with pytest.raises(ValueError, match="unknown discriminator regulariser 'r3'"):
+        discriminator_penalty("r3", **kwargs)
