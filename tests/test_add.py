@@ -191,3 +191,21 @@ def test_discriminator_penalty_dispatches_to_each_regulariser():
     assert torch.allclose(r1_penalty(real, x)[0], (4 * x.detach() ** 2).sum(1).mean())  # |2x|^2
     with pytest.raises(ValueError, match="unknown discriminator regulariser 'r3'"):
         discriminator_penalty("r3", **kwargs)
+
+
+@pytest.mark.slow
+def test_ladd_two_process_launch(tiny_teacher, tmp_path):
+    """The discriminator's heads under DDP, its frozen backbone outside it."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill.train",
+               RECIPES["ladd"], *tiny_overrides(tiny_teacher, None, run, **{"train.sample_every": 0, "method.discriminator.head_width": 8})]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["critic/gan_d_loss"]) for r in rows)
