@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sample the target as a teacher with this stock diffusers solver (all: both)")
         p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance for --solver")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--batch-size", type=int, default=500)
+        p.add_argument("--batch-size", type=int, default=config_lib.EvalConfig().batch_size, help="generation batch")
         if name == "sample":
             p.add_argument("--out", default="samples.png")
             p.add_argument("--num", type=int, default=64)

@@ -81,7 +81,10 @@ class Scorer:
             name: reference_features(extractor, dataset_key=dataset_key, images=lambda: images, cache_dir=cache_dir, batch_size=batch_size)
             for name, extractor in self.extractors.items()
         }
-        self.classifier = load_classifier(classifier).to(self.device) if classifier is not None else None
+        if "classifier" in self.extractors:  # one load serves its features and class accuracy
+            self.classifier = self.extractors["classifier"].classifier
+        else:
+            self.classifier = load_classifier(classifier).to(self.device) if classifier is not None else None
 
     @torch.no_grad()
     def __call__(self, images: Tensor, labels: Tensor | None) -> dict[str, float]:

@@ -108,18 +108,23 @@ def dinov2_inputs(images: Tensor, size: int, mean: tuple, std: tuple) -> Tensor:
     return (images - mean) / std
 
 
+def load_dinov2(name_or_path: str) -> tuple[nn.Module, int, tuple, tuple]:
+    """A frozen ``Dinov2Model`` (hub id or local dir, safetensors) and its (input size, mean, std)."""
+    from transformers import Dinov2Model
+
+    try:
+        model = Dinov2Model.from_pretrained(name_or_path, use_safetensors=True).eval().requires_grad_(False)
+    except OSError as err:
+        raise FileNotFoundError(f"could not load DINOv2 from {name_or_path!r} (local directory or hub id): {err}") from err
+    return (model, *dinov2_preprocessing(name_or_path, model.config))
+
+
 class Dinov2Features(nn.Module):
     """DINOv2's CLS token after the final layer norm (``pooler_output``), as in FD-DINOv2."""
 
     def __init__(self, name_or_path: str):
         super().__init__()
-        from transformers import Dinov2Model
-
-        try:
-            self.model = Dinov2Model.from_pretrained(name_or_path, use_safetensors=True).eval().requires_grad_(False)
-        except OSError as err:
-            raise FileNotFoundError(f"could not load DINOv2 from {name_or_path!r} (local directory or hub id): {err}") from err
-        self.size, self.mean, self.std = dinov2_preprocessing(name_or_path, self.model.config)
+        self.model, self.size, self.mean, self.std = load_dinov2(name_or_path)
         self.identity = f"dinov2:{weights_identity(name_or_path)}:{self.size}"
 
     def forward(self, images: Tensor) -> Tensor:

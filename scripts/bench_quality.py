@@ -38,14 +38,16 @@ def main() -> None:
     parser.add_argument("--teacher-steps", default=",".join(map(str, evaluate.BASELINE_STEPS)))
     parser.add_argument("--num", type=int, default=2000, help="samples per row")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=EvalConfig().batch_size)
     parser.add_argument("--cache-dir", default=EvalConfig().cache_dir, help="reference-feature cache")
     parser.add_argument("--out", default=None, help="write the table (markdown) here too")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
+    defaults = EvalConfig()
     scorer = evaluate.Scorer(feature_spaces=["classifier"], dataset="digits", classifier=args.classifier, dinov2="unused",
-                             cache_dir=args.cache_dir, nearest_k=3, kid_subsets=100, kid_subset_size=1000, batch_size=args.batch)
+                             cache_dir=args.cache_dir, nearest_k=defaults.nearest_k, kid_subsets=defaults.kid_subsets,
+                             kid_subset_size=defaults.kid_subset_size, batch_size=args.batch)
     rows = []
 
     def add(target: evaluate.Target | None, name: str, images, labels) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.discriminators.heads import Heads
-from distill.features import dinov2_inputs, dinov2_preprocessing
+from distill.features import dinov2_inputs, load_dinov2
 
 
 def evenly_spaced_layers(num_layers: int, count: int = 4) -> list[int]:
@@ -36,14 +36,8 @@ class Dinov2Backbone:
     kind = "tokens"
 
     def __init__(self, name_or_path: str, layers: list[int] | None = None, device="cpu"):
-        from transformers import Dinov2Model
-
-        try:
-            self.model = Dinov2Model.from_pretrained(name_or_path, use_safetensors=True)
-        except OSError as err:
-            raise FileNotFoundError(f"could not load DINOv2 from {name_or_path!r} (local directory or hub id): {err}") from err
-        self.model.eval().requires_grad_(False).to(device)
-        self.size, self.mean, self.std = dinov2_preprocessing(name_or_path, self.model.config)
+        self.model, self.size, self.mean, self.std = load_dinov2(name_or_path)
+        self.model.to(device)
         depth = self.model.config.num_hidden_layers
         self.layers = list(layers) if layers else evenly_spaced_layers(depth)
         if not all(1 <= i <= depth for i in self.layers):
