@@ -62,7 +62,7 @@ class StudentConfig:
 class R1Config:
     kind: Literal["none", "approximated", "exact", "r2"] = _field(
         "none", "regulariser of the discriminator: none, approximated R1 (APT), exact R1 on real inputs, or R2 on generated "
-        "inputs (ADD only)"
+        "inputs (R3GAN)"
     )
     weight: float = _field(1.0, "weight of the R1 term in the critic loss (gamma / 2 for exact R1)")
     sigma: float = _field(0.01, "std of the Gaussian perturbation of real inputs for approximated R1")
@@ -98,8 +98,8 @@ class MethodConfig:
     distill_weighting: Literal["exponential", "sds", "constant"] = _field(
         "exponential", "ADD: c(t) of the score-distillation loss: alpha_t, alpha_t*sigma_t (SDS) or 1"
     )
-    gan_loss: Literal["non_saturating", "hinge", "relativistic"] = _field(
-        "non_saturating", "adversarial loss of the GAN term"
+    gan_loss: Optional[Literal["non_saturating", "hinge", "relativistic"]] = _field(
+        None, "adversarial loss of the GAN term; null = the method's paper's: non_saturating for dmd2, hinge for add"
     )
     fake_score_updates: int = _field(
         5, "critic updates (fake score and GAN head; ADD: discriminator) per student update: DMD2's two time-scale update rule"
@@ -108,6 +108,10 @@ class MethodConfig:
     t_max: int = _field(980, "largest timestep at which student samples are re-noised for DMD and the GAN")
     r1: R1Config = _field(R1Config(), "discriminator regulariser")
     discriminator: DiscriminatorConfig = _field(DiscriminatorConfig(), "the GAN discriminator: backbone and heads")
+
+
+# method.gan_loss when the recipe leaves it null: the loss each method's paper trains with
+PAPER_GAN_LOSS = {"dmd2": "non_saturating", "add": "hinge"}
 
 
 @dataclass
@@ -325,6 +329,8 @@ def load(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
         key, raw = item.split("=", 1)
         _set_override(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None, source)
     config = _build(Config(), data, "", source)
+    if config.method.gan_loss is None:
+        config.method.gan_loss = PAPER_GAN_LOSS[config.method.name]
     validate(config, source)
     return config
 
@@ -413,8 +419,6 @@ def validate(config: Config, source: str) -> None:
         if m.discriminator.backbone != "fake_score" and m.gan_weight == 0:
             _fail(source, "method.discriminator.backbone",
                   f"a {m.discriminator.backbone} discriminator serves DMD2's GAN term, but method.gan_weight is 0")
-        if m.r1.kind == "r2":
-            _fail(source, "method.r1.kind", "r2 is implemented for ADD; DMD2 supports none, approximated and exact")
         if m.discriminator.augment:
             _fail(source, "method.discriminator.augment", "augmentation is implemented for ADD only")
     if m.distill_weight < 0:

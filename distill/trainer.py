@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from distill import config as config_lib
 from distill.config import Config
 from distill.data import DigitsDataset, EpochSampler, collate, step_generator
-from distill.discriminators import BottleneckHead, Discriminator
+from distill.discriminators import Discriminator, Heads
 from distill.evaluate import Scorer, draw
 from distill.methods import ADD, DMD2, Critic
 from distill.students import FewStepSampler, make_student
@@ -171,7 +171,7 @@ class DistillTrainer:
             return discriminator
         head = None
         if self.method.uses_gan and discriminator is None:
-            head = BottleneckHead(self.teacher.bottleneck_channels(), num_classes=self.teacher.num_classes)
+            head = Heads("maps", [self.teacher.bottleneck_channels()], width=d.head_width, num_classes=self.teacher.num_classes)
         return Critic(make_student(self.teacher.denoiser), self.teacher, head, discriminator if self.method.uses_gan else None)
 
     def _setup_optimizer(self, parameters, optim: config_lib.OptimizerConfig):

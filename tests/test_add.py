@@ -19,7 +19,7 @@ from distill.losses import distillation_weight, score_distillation_loss
 from distill.teachers import load_teacher
 from distill.trainer import DistillTrainer
 
-RECIPES = {name: str(REPO / "recipes" / f"digits-{name}-1step.yaml") for name in ("add", "ladd", "dmd2-dinov2")}
+RECIPES = {name: str(REPO / "recipes" / f"digits-{name}-1step.yaml") for name in ("add", "ladd", "dmd2-dinov2", "dmd2")}
 
 
 # ---------------------------------------------------------------------------- losses
@@ -129,7 +129,7 @@ def test_approximated_r1_approaches_exact_r1_on_the_discriminator(tiny_teacher):
 
 @pytest.mark.parametrize(
     "name, r1", [("add", "approximated"), ("add", "exact"), ("add", "r2"), ("ladd", "approximated"), ("ladd", "exact"),
-                 ("ladd", "r2"), ("dmd2-dinov2", "approximated"), ("dmd2-dinov2", "exact")],
+                 ("ladd", "r2"), ("dmd2-dinov2", "approximated"), ("dmd2-dinov2", "exact"), ("dmd2-dinov2", "r2")],
 )
 def test_recipe_trains_heads_and_student_never_the_backbone(name, r1, tiny_teacher, tiny_dinov2, tmp_path):
     overrides = tiny_overrides(tiny_teacher, None, tmp_path / "run", **{
@@ -155,12 +155,44 @@ def test_recipe_trains_heads_and_student_never_the_backbone(name, r1, tiny_teach
     assert ("generator/dmd_loss" in rows[0]) == (name == "dmd2-dinov2")
 
 
+@pytest.mark.parametrize("r1", ["none", "approximated", "exact", "r2"])
+def test_dmd2_fake_score_heads_are_the_shared_heads_and_train_with_each_regulariser(r1, tiny_teacher, tmp_path):
+    overrides = tiny_overrides(tiny_teacher, None, tmp_path / "run", **{
+        "method.gan_weight": 0.5, "method.discriminator.head_width": 8, "method.r1.kind": r1,
+        "train.sample_every": 0, "train.ema_decay": 0})
+    trainer = DistillTrainer(config_lib.load(RECIPES["dmd2"], overrides))
+    trainer.setup()
+    critic = trainer.accelerator.unwrap_model(trainer.critic)
+    assert isinstance(critic.head, Heads) and critic.discriminator is None
+    assert len(critic.head.heads) == 1 and isinstance(critic.head.heads[0], MapHead)
+    snapshot = lambda module: [p.detach().clone() for p in module.parameters()]
+    head, fake_score, teacher = snapshot(critic.head), snapshot(critic.denoiser), snapshot(trainer.teacher.denoiser)
+    trainer.train()
+
+    changed = lambda before, module: any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert changed(head, critic.head) and changed(fake_score, critic.denoiser)
+    assert not changed(teacher, trainer.teacher.denoiser)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["critic/critic_loss"]) for row in rows)
+    if r1 != "none":
+        penalty = {"approximated": "critic/approx_r1_penalty", "exact": "critic/r1_penalty", "r2": "critic/r2_penalty"}[r1]
+        assert all(row[penalty] > 0 for row in rows)
+
+
+def test_gan_loss_defaults_to_each_papers_loss(tiny_teacher):
+    base = [f"teacher.path={tiny_teacher}", "eval.features=[]", "eval.every=0", "eval.classifier=null"]
+    assert config_lib.load(RECIPES["dmd2"], base).method.gan_loss == "non_saturating"
+    add = ["method.name=add", "method.gan_weight=1", "method.discriminator.backbone=teacher", "method.gan_loss=null"]
+    assert config_lib.load(RECIPES["dmd2"], base + add).method.gan_loss == "hinge"
+    assert config_lib.load(RECIPES["dmd2"], base + add[:-1] + ["method.gan_loss=relativistic"]).method.gan_loss == "relativistic"
+
+
 @pytest.mark.parametrize(
     "overrides, key, message",
     [
         (["method.name=add", "method.gan_weight=1"], "method.discriminator.backbone", "ADD has no fake score network"),
         (["method.name=add", "method.discriminator.backbone=teacher", "method.gan_weight=0"], "method.gan_weight", "needs method.gan_weight > 0"),
-        (["method.r1.kind=r2", "method.gan_weight=1"], "method.r1.kind", "r2 is implemented for ADD"),
+        (["method.discriminator.augment=true", "method.gan_weight=1"], "method.discriminator.augment", "ADD only"),
         (["method.discriminator.backbone=teacher", "method.gan_weight=0"], "method.discriminator.backbone", "but method.gan_weight is 0"),
         (["method.name=add", "method.gan_weight=1", "method.discriminator.backbone=dinov2",
           "method.discriminator.dinov2=./no/dinov2"], "method.discriminator.dinov2", "has no config.json"),

@@ -93,12 +93,13 @@ def test_gan_with_exact_r1_and_accumulation_trains_the_head(tiny_teacher, tmp_pa
     assert first["critic/r1_penalty"] > 0
     state = _weights(find_checkpoint(run) / "model_1.safetensors")  # the critic: fake score + head
     torch.manual_seed(0)
-    from distill.discriminators import BottleneckHead
+    from distill.discriminators import Heads
 
-    fresh = BottleneckHead(16, num_classes=10).state_dict()
+    fresh = Heads("maps", [16], width=64, num_classes=10).state_dict()
     head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
     assert head.keys() == fresh.keys()
-    assert not torch.equal(head["out.weight"], fresh["out.weight"])
+    weight = "heads.0.out.parametrizations.weight.original"
+    assert not torch.equal(head[weight], fresh[weight])
 
 
 def test_find_checkpoint_says_where_it_looked(tmp_path):

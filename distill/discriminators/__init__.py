@@ -1,7 +1,7 @@
 """Discriminators: frozen feature backbones with small trainable heads."""
 
 from distill.discriminators.backbones import Discriminator, Dinov2Backbone, denoiser_features, translate_and_cutout
-from distill.discriminators.heads import BottleneckHead, Heads, MapHead, TokenHead
+from distill.discriminators.heads import Heads, MapHead, TokenHead
 
-__all__ = ["BottleneckHead", "Dinov2Backbone", "Discriminator", "Heads", "MapHead", "TokenHead", "denoiser_features",
+__all__ = ["Dinov2Backbone", "Discriminator", "Heads", "MapHead", "TokenHead", "denoiser_features",
            "translate_and_cutout"]

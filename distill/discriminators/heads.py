@@ -1,9 +1,10 @@
 """Trainable discriminator heads over frozen or shared features.
 
-``BottleneckHead`` is DMD2's GAN classifier on the fake score's bottleneck. ``TokenHead`` and
-``MapHead`` are ADD-style per-layer heads (StyleGAN-T, Sauer et al. 2023): spectrally
-normalised 1D convolutions over a ViT's tokens, or 2D convolutions over a UNet's feature
-maps, giving one logit per token or position; ``Heads`` holds one per backbone layer.
+``TokenHead`` and ``MapHead`` are ADD-style per-layer heads (StyleGAN-T, Sauer et al. 2023):
+spectrally normalised 1D convolutions over a ViT's tokens, or 2D convolutions over a UNet's
+feature maps, giving one logit per token or position; ``Heads`` holds one per backbone
+layer. Every discriminator backbone uses them: DINOv2's tokens, the teacher's feature maps
+(LADD) and DMD2's fake-score bottleneck.
 All condition by projection (Miyato & Koyama 2018): ``<embed(y), h>`` is added to the
 logits, where ``y`` is a class index [B] (long) or a pooled conditioning vector [B, D].
 """
@@ -21,30 +22,6 @@ def _condition_embedding(width: int, num_classes: int | None, cond_dim: int | No
     if cond_dim is not None:
         return nn.Linear(cond_dim, width)
     return None
-
-
-class BottleneckHead(nn.Module):
-    """A small conv head on a UNet bottleneck feature map [B, C, h, w] -> logits [B]."""
-
-    def __init__(self, channels: int, num_classes: int | None = None, cond_dim: int | None = None):
-        super().__init__()
-        groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1),
-            nn.GroupNorm(groups, channels),
-            nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
-            nn.SiLU(),
-        )
-        self.out = nn.Linear(channels, 1)
-        self.embed = _condition_embedding(channels, num_classes, cond_dim)
-
-    def forward(self, features: Tensor, cond: Tensor | None = None) -> Tensor:
-        h = self.body(features.float()).mean(dim=(2, 3))
-        logits = self.out(h).squeeze(1)
-        if self.embed is not None and cond is not None:
-            logits = logits + (self.embed(cond) * h).sum(dim=1) / h.shape[1] ** 0.5
-        return logits
 
 
 class _ConvHead(nn.Module):

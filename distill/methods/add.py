@@ -14,21 +14,24 @@ Every random draw comes from the ``generator`` argument, so a step is reproducib
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distill.discriminators.backbones import Discriminator, translate_and_cutout
 from distill.losses import (
     discriminator_adversarial_loss,
-    discriminator_penalty,
     distillation_weight,
     generator_adversarial_loss,
     score_distillation_loss,
 )
-from distill.methods.dmd2 import _to, student_x0
+from distill.methods.common import (
+    double_backward,
+    randn_like,
+    regularised_inputs,
+    regularised_penalty,
+    student_x0,
+    to_device,
+)
 from distill.students import FewStepSampler
 from distill.teachers import Teacher, cat_conditions
 
@@ -64,9 +67,6 @@ class ADD:
     def _augment(self, x0: Tensor, generator: torch.Generator) -> Tensor:
         return translate_and_cutout(x0, generator) if self.augment else x0
 
-    def _randn(self, like: Tensor, generator: torch.Generator) -> Tensor:
-        return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
-
     def _timesteps(self, n: int, generator: torch.Generator, device) -> Tensor:
         return self.schedule.sample_timesteps(n, generator=generator, t_min=self.t_min, t_max=self.t_max, device=device)
 
@@ -76,26 +76,26 @@ class ADD:
     # ------------------------------------------------------------------------------------
     def generator_loss(self, student: nn.Module, critic: Discriminator, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Generator phase. ``student`` trains (a prepared module); ``critic`` is frozen."""
-        cond = _to(self.teacher.condition(batch), device)
+        cond = to_device(self.teacher.condition(batch), device)
         batch = {k: v.to(device) for k, v in batch.items()}
         x0_student = self._x0(student, batch, cond, generator, grad=True)
         n = len(x0_student)
 
         t = self._timesteps(n, generator, device)
-        noise = self._randn(x0_student, generator)
+        noise = randn_like(x0_student, generator)
         logits_fake = critic(self._augment(x0_student, generator), t, noise, cond)
         logits_real = None
         if self.gan_loss == "relativistic":
             with torch.no_grad():
                 x0_real = self._augment(self.teacher.encode_images(batch["image"]), generator)
-                logits_real = critic(x0_real, t, self._randn(x0_real, generator), cond)
+                logits_real = critic(x0_real, t, randn_like(x0_real, generator), cond)
         loss_gan, logs = generator_adversarial_loss(logits_fake, logits_real, kind=self.gan_loss)
         loss = self.gan_weight * loss_gan
 
         if self.distill_weight > 0:
             t_d = self._timesteps(n, generator, device)
             with torch.no_grad():
-                x_t = self.schedule.add_noise(x0_student.detach(), self._randn(x0_student, generator), t_d)
+                x_t = self.schedule.add_noise(x0_student.detach(), randn_like(x0_student, generator), t_d)
                 x0_teacher = self.teacher.x0(self.teacher.denoiser, x_t, t_d, cond, self.guidance_scale)
             alpha, sigma = self.schedule.alpha_sigma(t_d, ndim=1)
             weight = distillation_weight(self.distill_weighting, alpha.to(device), sigma.to(device))
@@ -108,33 +108,21 @@ class ADD:
 
     def critic_loss(self, student: nn.Module, critic: nn.Module, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Critic phase: real images against student samples, in one discriminator forward."""
-        cond = _to(self.teacher.condition(batch), device)
+        cond = to_device(self.teacher.condition(batch), device)
         batch = {k: v.to(device) for k, v in batch.items()}
         x0_fake = self._augment(self._x0(student, batch, cond, generator, grad=False), generator)
         x0_real = self._augment(self.teacher.encode_images(batch["image"]), generator)
         n = len(x0_fake)
         t = self._timesteps(2 * n, generator, device)
-        noise = self._randn(torch.cat([x0_fake, x0_real]), generator)
-        inputs, times, noises, conds = [x0_fake, x0_real], [t], [noise], [cond, cond]
-        if self.r1_kind == "approximated":  # APT: the same (augmented) real inputs, perturbed
-            inputs.append(x0_real + self.r1_sigma * self._randn(x0_real, generator))
-            times.append(t[n:])
-            noises.append(noise[n:])
-            conds.append(cond)
-        elif self.r1_kind == "exact":
-            inputs[1] = x0_real = x0_real.detach().requires_grad_(True)
-        elif self.r1_kind == "r2":
-            inputs[0] = x0_fake = x0_fake.detach().requires_grad_(True)
-        # Exact R1 / R2 differentiate twice; PyTorch's fused attention kernels have no double backward.
-        attention = sdpa_kernel(SDPBackend.MATH) if self.r1_kind in ("exact", "r2") else nullcontext()
-        with attention:
-            logits = critic(torch.cat(inputs), torch.cat(times), torch.cat(noises), cat_conditions(conds) if cond else {})
-        logits_fake, logits_real = logits[:n], logits[n : 2 * n]
-        loss, logs = discriminator_adversarial_loss(logits_real, logits_fake, kind=self.gan_loss)
+        noise = randn_like(torch.cat([x0_fake, x0_real]), generator)
+        inputs = regularised_inputs(self.r1_kind, x0_fake, x0_real, self.r1_sigma, generator)
+        if len(inputs) == 3:  # APT's perturbed real inputs keep the real inputs' timesteps and noise
+            t, noise = torch.cat([t, t[n:]]), torch.cat([noise, noise[n:]])
+        with double_backward(self.r1_kind):
+            logits = critic(torch.cat(inputs), t, noise, cat_conditions([cond] * len(inputs)) if cond else {})
+        loss, logs = discriminator_adversarial_loss(logits[n : 2 * n], logits[:n], kind=self.gan_loss)
         if self.r1_kind != "none":
-            penalty, penalty_logs = discriminator_penalty(
-                self.r1_kind, real_logits=logits_real, fake_logits=logits_fake, perturbed_logits=logits[2 * n :],
-                real_inputs=x0_real, fake_inputs=x0_fake, sigma=self.r1_sigma)
+            penalty, penalty_logs = regularised_penalty(self.r1_kind, logits, inputs, self.r1_sigma)
             loss = loss + self.r1_weight * penalty
             logs.update(penalty_logs)
         logs["critic_loss"] = loss.detach()

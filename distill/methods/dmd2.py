@@ -12,27 +12,26 @@ Every random draw comes from the ``generator`` argument, so a step is reproducib
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from distill.losses import (
-    denoising_loss,
-    discriminator_adversarial_loss,
-    discriminator_penalty,
-    dmd_loss,
-    generator_adversarial_loss,
+from distill.losses import denoising_loss, discriminator_adversarial_loss, dmd_loss, generator_adversarial_loss
+from distill.methods.common import (
+    double_backward,
+    randn_like,
+    regularised_inputs,
+    regularised_penalty,
+    student_x0,
+    to_device,
 )
 from distill.students import FewStepSampler
 from distill.teachers import Teacher, cat_conditions
 
 
 class Critic(nn.Module):
-    """The fake score network, plus the GAN discriminator: a head on the fake score's
-    bottleneck features, or a separate ``Discriminator`` (frozen DINOv2 or teacher
-    features with trainable heads) that reads clean samples ``disc = (x0, t, noise, cond)``.
+    """The fake score network, plus the GAN discriminator: ``Heads`` on the fake score's
+    bottleneck feature map, or a separate ``Discriminator`` (frozen DINOv2 or teacher
+    features with the same heads) that reads clean samples ``disc = (x0, t, noise, cond)``.
 
     One forward returns both, so DDP sees a single forward per backward.
     """
@@ -47,7 +46,7 @@ class Critic(nn.Module):
 
     def forward(self, x_t: Tensor | None, t: Tensor | None, cond: dict[str, Tensor], with_logits: bool = False,
                 disc: tuple | None = None):
-        """(model output [B, C, H, W] or None when ``x_t`` is None, logits [B] / [B, K] or None)."""
+        """(model output [B, C, H, W] or None when ``x_t`` is None, logits [B, K] or None)."""
         if not with_logits:
             return self._teacher.output(self.denoiser, x_t, t, cond), None
         if self.discriminator is not None:
@@ -63,30 +62,7 @@ class Critic(nn.Module):
             output = self._teacher.output(self.denoiser, x_t, t, cond)
         finally:
             hook.remove()
-        return output, self.head(captured["features"], self._teacher.head_condition(cond))
-
-
-def _to(cond: dict[str, Tensor], device) -> dict[str, Tensor]:
-    return {k: v.to(device) for k, v in cond.items()}
-
-
-def student_x0(teacher: Teacher, sampler: FewStepSampler, student: nn.Module, batch: dict, cond: dict,
-               generator: torch.Generator, *, grad: bool, backward_simulation: bool) -> Tensor:
-    """x0 of the student at one of its steps, chosen at random. The first step's input is
-    pure noise, as in sampling; a later step's input comes from running the student's own
-    earlier steps (backward simulation, DMD2 §4.5) or from a real image noised to that
-    step's timestep (ADD §3.1)."""
-    device = next(iter(cond.values())).device if cond else batch["image"].device
-    n = len(batch["class_label"]) if "class_label" in batch else len(batch["image"])
-    noise = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
-    k = int(torch.randint(0, len(sampler), (1,), generator=generator))
-    x0_fn = lambda x_t, t: teacher.x0(student, x_t, t, cond)
-    if backward_simulation or k == 0:
-        x_t = sampler.simulate(x0_fn, noise, k, generator)
-    else:
-        x_t = teacher.schedule.add_noise(teacher.encode_images(batch["image"].to(device)), noise, sampler.timestep(k, noise))
-    with nullcontext() if grad else torch.no_grad():
-        return x0_fn(x_t, sampler.timestep(k, x_t))
+        return output, self.head([captured["features"]], self._teacher.head_condition(cond))
 
 
 class DMD2:
@@ -127,9 +103,6 @@ class DMD2:
         return self.uses_gan or (len(self.sampler) > 1 and not self.backward_simulation)
 
     # ------------------------------------------------------------------------------------
-    def _randn(self, like: Tensor, generator: torch.Generator) -> Tensor:
-        return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
-
     def _timesteps(self, n: int, generator: torch.Generator, device) -> Tensor:
         return self.schedule.sample_timesteps(n, generator=generator, t_min=self.t_min, t_max=self.t_max, device=device)
 
@@ -149,12 +122,12 @@ class DMD2:
     # ------------------------------------------------------------------------------------
     def generator_loss(self, student: nn.Module, critic: Critic, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Generator phase. ``student`` trains (a prepared module); ``critic`` is frozen."""
-        cond = _to(self.teacher.condition(batch), device)
+        cond = to_device(self.teacher.condition(batch), device)
         batch = {k: v.to(device) for k, v in batch.items()}
         x0_student = self.student_x0(student, batch, cond, generator, grad=True)
 
         t = self._timesteps(len(x0_student), generator, device)
-        noise = self._randn(x0_student, generator)
+        noise = randn_like(x0_student, generator)
         with torch.no_grad():
             x_t = self.schedule.add_noise(x0_student.detach(), noise, t)
             x0_real = self.teacher.x0(self.teacher.denoiser, x_t, t, cond, self.guidance_scale)
@@ -164,12 +137,12 @@ class DMD2:
 
         if self.uses_gan:
             t_gan = self._timesteps(len(x0_student), generator, device)
-            logits_fake = self._logits(critic, x0_student, t_gan, self._randn(x0_student, generator), cond)
+            logits_fake = self._logits(critic, x0_student, t_gan, randn_like(x0_student, generator), cond)
             logits_real = None
             if self.gan_loss == "relativistic":
                 with torch.no_grad():
                     x0 = self._real_x0(batch, device)
-                    logits_real = self._logits(critic, x0, t_gan, self._randn(x0, generator), cond)
+                    logits_real = self._logits(critic, x0, t_gan, randn_like(x0, generator), cond)
             loss_gan, gan_logs = generator_adversarial_loss(logits_fake, logits_real, kind=self.gan_loss)
             loss = loss + self.gan_weight * loss_gan
             logs.update(gan_logs)
@@ -179,12 +152,12 @@ class DMD2:
 
     def critic_loss(self, student: nn.Module, critic: nn.Module, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Critic phase. ``critic`` trains (a prepared module); ``student`` only samples."""
-        cond = _to(self.teacher.condition(batch), device)
+        cond = to_device(self.teacher.condition(batch), device)
         batch = {k: v.to(device) for k, v in batch.items()}
         x0_student = self.student_x0(student, batch, cond, generator, grad=False)
         n = len(x0_student)
         t = self._timesteps(n, generator, device)
-        noise = self._randn(x0_student, generator)
+        noise = randn_like(x0_student, generator)
         x_t = self.schedule.add_noise(x0_student, noise, t)
         target = self.schedule.target(x0_student, noise, t, self.teacher.prediction_type)
         if not self.uses_gan:
@@ -195,41 +168,29 @@ class DMD2:
 
         x0_real = self._real_x0(batch, device)
         t_real = self._timesteps(n, generator, device)
-        noise_real = self._randn(x0_real, generator)
+        noise_real = randn_like(x0_real, generator)
         # the discriminator's inputs: noised samples through the fake score's bottleneck, or
         # clean samples (with their noise and timesteps) through a separate discriminator
         if self.separate_discriminator:
-            inputs, noises = [x0_student, x0_real], [noise, noise_real]
+            fake, real = x0_student, x0_real
         else:
-            inputs = [x_t, self.schedule.add_noise(x0_real, noise_real, t_real)]
-        times, conds = [t, t_real], [cond, cond]
-        if self.r1_kind == "approximated":
-            inputs.append(inputs[1] + self.r1_sigma * self._randn(inputs[1], generator))
-            times.append(t_real)
-            conds.append(cond)
+            fake, real = x_t, self.schedule.add_noise(x0_real, noise_real, t_real)
+        inputs = regularised_inputs(self.r1_kind, fake, real, self.r1_sigma, generator)
+        times = torch.cat([t, t_real, t_real][: len(inputs)])
+        all_conds = cat_conditions([cond] * len(inputs)) if cond else {}
+        with double_backward(self.r1_kind):
             if self.separate_discriminator:
-                noises.append(noise_real)
-        elif self.r1_kind == "exact":
-            inputs[1] = inputs[1].detach().requires_grad_(True)
-        r1_inputs = inputs[1]
-        # Exact R1 differentiates twice; PyTorch's fused attention kernels have no double backward.
-        attention = sdpa_kernel(SDPBackend.MATH) if self.r1_kind == "exact" else nullcontext()
-        all_conds = cat_conditions(conds) if cond else {}
-        with attention:
-            if self.separate_discriminator:
-                disc = (torch.cat(inputs), torch.cat(times), torch.cat(noises), all_conds)
+                disc = (torch.cat(inputs), times, torch.cat([noise, noise_real, noise_real][: len(inputs)]), all_conds)
                 output, logits = critic(x_t, t, cond, with_logits=True, disc=disc)
             else:
-                output, logits = critic(torch.cat(inputs), torch.cat(times), all_conds, with_logits=True)
+                output, logits = critic(torch.cat(inputs), times, all_conds, with_logits=True)
         loss, logs = denoising_loss(output[:n], target)
         logits_fake, logits_real = logits[:n], logits[n : 2 * n]
         loss_d, d_logs = discriminator_adversarial_loss(logits_real, logits_fake, kind=self.gan_loss)
         loss = loss + self.critic_gan_weight * loss_d
         logs.update(d_logs)
         if self.r1_kind != "none":
-            penalty, penalty_logs = discriminator_penalty(
-                self.r1_kind, real_logits=logits_real, fake_logits=logits_fake, perturbed_logits=logits[2 * n :],
-                real_inputs=r1_inputs, sigma=self.r1_sigma)
+            penalty, penalty_logs = regularised_penalty(self.r1_kind, logits, inputs, self.r1_sigma)
             loss = loss + self.r1_weight * penalty
             logs.update(penalty_logs)
         logs["critic_loss"] = loss.detach()

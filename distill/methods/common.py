@@ -1,0 +1,72 @@
+"""What DMD2 and ADD share: the student's sample at one of its steps, and the regularised
+discriminator step (which inputs a regulariser needs, and its penalty)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from distill.losses import discriminator_penalty
+from distill.students import FewStepSampler
+from distill.teachers import Teacher
+
+
+def to_device(cond: dict[str, Tensor], device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+def randn_like(like: Tensor, generator: torch.Generator) -> Tensor:
+    """Gaussian noise shaped like ``like``, drawn on the CPU generator (reproducible on any device)."""
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+
+
+def student_x0(teacher: Teacher, sampler: FewStepSampler, student: nn.Module, batch: dict, cond: dict,
+               generator: torch.Generator, *, grad: bool, backward_simulation: bool) -> Tensor:
+    """x0 of the student at one of its steps, chosen at random. The first step's input is
+    pure noise, as in sampling; a later step's input comes from running the student's own
+    earlier steps (backward simulation, DMD2 §4.5) or from a real image noised to that
+    step's timestep (ADD §3.1)."""
+    device = next(iter(cond.values())).device if cond else batch["image"].device
+    n = len(batch["class_label"]) if "class_label" in batch else len(batch["image"])
+    noise = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
+    k = int(torch.randint(0, len(sampler), (1,), generator=generator))
+    x0_fn = lambda x_t, t: teacher.x0(student, x_t, t, cond)
+    if backward_simulation or k == 0:
+        x_t = sampler.simulate(x0_fn, noise, k, generator)
+    else:
+        x_t = teacher.schedule.add_noise(teacher.encode_images(batch["image"].to(device)), noise, sampler.timestep(k, noise))
+    with nullcontext() if grad else torch.no_grad():
+        return x0_fn(x_t, sampler.timestep(k, x_t))
+
+
+def regularised_inputs(kind: str, fake: Tensor, real: Tensor, sigma: float, generator: torch.Generator) -> list[Tensor]:
+    """The discriminator's inputs [fake, real] for regulariser ``kind``, plus, for APT's
+    approximated R1, the real inputs perturbed by N(0, sigma^2). Exact R1 (R2) needs the
+    gradient at the real (fake) inputs, so those come back detached and requiring grad;
+    ``regularised_penalty`` differentiates with respect to them."""
+    if kind == "exact":
+        real = real.detach().requires_grad_(True)
+    elif kind == "r2":
+        fake = fake.detach().requires_grad_(True)
+    inputs = [fake, real]
+    if kind == "approximated":
+        inputs.append(real + sigma * randn_like(real, generator))
+    return inputs
+
+
+def double_backward(kind: str):
+    """Exact R1 / R2 differentiate twice; PyTorch's fused attention kernels have no double
+    backward, so those regularisers run attention in the math kernel."""
+    return sdpa_kernel(SDPBackend.MATH) if kind in ("exact", "r2") else nullcontext()
+
+
+def regularised_penalty(kind: str, logits: Tensor, inputs: list[Tensor], sigma: float) -> tuple[Tensor, dict]:
+    """The penalty of ``kind`` from the logits of ``torch.cat(inputs)`` (from
+    ``regularised_inputs``): fake logits first, then real, then perturbed real."""
+    n = len(inputs[0])
+    return discriminator_penalty(
+        kind, real_logits=logits[n : 2 * n], fake_logits=logits[:n], perturbed_logits=logits[2 * n :],
+        real_inputs=inputs[1], fake_inputs=inputs[0], sigma=sigma)
