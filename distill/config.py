@@ -42,6 +42,20 @@ class TeacherConfig:
     )
     revision: Optional[str] = _field(None, "hub revision (branch, tag or commit) of `path`")
     guidance_scale: float = _field(1.0, "classifier-free guidance scale of the real score (1 = no guidance)")
+    dtype: Literal["float32", "float16", "bfloat16"] = _field(
+        "float32", "dtype of the frozen teacher parts (denoiser, VAE, text encoders); trainable copies stay float32"
+    )
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _field(0, "LoRA rank (0: train every weight, no LoRA)")
+    alpha: Optional[float] = _field(None, "LoRA alpha (scale alpha / rank); null = rank, a scale of 1")
+    target_modules: list[str] = _field(
+        ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+         "conv_shortcut", "time_emb_proj"],
+        "module names (suffixes, as peft matches them) that get LoRA adapters",
+    )
 
 
 @dataclass
@@ -52,6 +66,7 @@ class StudentConfig:
         "output re-noised to that timestep. One step conditioned at t=500 works on digits; [999, 749, 499, 249] "
         "is the usual 4-step schedule",
     )
+    lora: LoraConfig = _field(LoraConfig(), "train the student as a LoRA of the teacher (rank > 0) instead of all weights")
     backward_simulation: bool = _field(
         True,
         "multi-step training inputs come from running the student itself (DMD2 §4.5) rather than noised real images",
@@ -108,6 +123,10 @@ class MethodConfig:
     t_max: int = _field(980, "largest timestep at which student samples are re-noised for DMD and the GAN")
     r1: R1Config = _field(R1Config(), "discriminator regulariser")
     discriminator: DiscriminatorConfig = _field(DiscriminatorConfig(), "the GAN discriminator: backbone and heads")
+    fake_score_lora: LoraConfig = _field(
+        LoraConfig(), "DMD2: train the fake score as a LoRA (rank > 0); with a LoRA student too, teacher, student and "
+        "fake score share one frozen base"
+    )
 
 
 # method.gan_loss when the recipe leaves it null: the loss each method's paper trains with
@@ -116,7 +135,25 @@ PAPER_GAN_LOSS = {"dmd2": "non_saturating", "add": "hinge"}
 
 @dataclass
 class DataConfig:
-    dataset: Literal["digits"] = _field("digits", "training data: the built-in scikit-learn digits")
+    dataset: Literal["digits", "prompts", "image_captions"] = _field(
+        "digits",
+        "training data: digits (the built-in scikit-learn digits), prompts (text only: data-free distribution "
+        "matching) or image_captions (images with captions: real images for the GAN and ADD)",
+    )
+    path: Optional[str] = _field(
+        None, "prompts: a .txt file (one prompt per line) or an HF datasets directory / hub id; image_captions: an "
+        "imagefolder directory (metadata.jsonl captions), a parquet file or directory, or an HF datasets hub id"
+    )
+    split: str = _field("train", "split of an HF dataset")
+    prompt_column: str = _field("text", "column holding the prompt / caption")
+    image_column: str = _field("image", "column holding the image (image_captions)")
+    resolution: Optional[int] = _field(
+        None, "image_captions: side of the square training images (resize the short side, centre crop); null = the teacher's"
+    )
+    cache_dir: Optional[str] = _field(
+        None, "opt-in cache of VAE latents and text embeddings on disk (keyed by data and teacher), so long runs "
+        "encode once; null = encode every batch"
+    )
     batch_size: int = _field(64, "samples per process per micro-batch")
 
 
@@ -137,6 +174,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = _field(1, "micro-batches per optimizer step, for both optimizers")
     mixed_precision: Literal["no", "fp16", "bf16"] = _field("no", "mixed precision, through Accelerate")
     max_grad_norm: float = _field(1.0, "gradient clipping norm for student and critic (0 disables)")
+    gradient_checkpointing: bool = _field(
+        False, "recompute the student's and fake score's activations in the backward pass (less memory, ~30% slower)"
+    )
     ema_decay: float = _field(0.99, "EMA decay of the student's weights (0 disables EMA)")
     checkpoint_every: int = _field(200, "save a resumable checkpoint every N student steps")
     keep_checkpoints: int = _field(2, "how many recent checkpoints to keep")
@@ -158,6 +198,10 @@ class EvalConfig:
         "classifier (hub id or local dir) for the classifier feature space and class accuracy (null: none)",
     )
     dinov2: str = _field("facebook/dinov2-large", "DINOv2 checkpoint (hub id or local dir) for the dinov2 feature space")
+    clip: Optional[str] = _field(
+        None, "CLIP model (hub id or local dir, e.g. openai/clip-vit-large-patch14) for the CLIP score of text-conditioned "
+        "samples against their prompts (null: no CLIP score)"
+    )
     num_samples: int = _field(2000, "samples generated for the final scores (metrics.json)")
     every: int = _field(
         0, "score the EMA student every N student steps during training, log it and keep the best checkpoint (0: only at the end)"
@@ -431,6 +475,11 @@ def validate(config: Config, source: str) -> None:
             _fail(source, "method.discriminator.dinov2", f"{local.resolve()} has no config.json (give a DINOv2 directory or a hub id)")
     if config.method.r1.kind == "approximated" and config.method.r1.sigma <= 0:
         _fail(source, "method.r1.sigma", f"must be positive, got {config.method.r1.sigma}")
+    _validate_lora(config.student.lora, "student.lora", source)
+    _validate_lora(m.fake_score_lora, "method.fake_score_lora", source)
+    if m.name == "add" and m.fake_score_lora.rank > 0:
+        _fail(source, "method.fake_score_lora.rank", "ADD has no fake score network")
+    _validate_data(config, source)
 
     local = _local_or_hub(config.teacher.path)
     if local is not None and not (local / "model_index.json").is_file():
@@ -451,6 +500,42 @@ def validate(config: Config, source: str) -> None:
     _validate_eval(config.eval, source)
     if config.resume not in (None, "latest") and not Path(config.resume).is_dir():
         _fail(source, "resume", f"checkpoint directory {Path(config.resume).resolve()} does not exist")
+
+
+def _validate_lora(lora: LoraConfig, key: str, source: str) -> None:
+    if lora.rank < 0:
+        _fail(source, f"{key}.rank", f"must be 0 (no LoRA) or positive, got {lora.rank}")
+    if lora.alpha is not None and lora.alpha <= 0:
+        _fail(source, f"{key}.alpha", f"must be positive, got {lora.alpha}")
+    if lora.rank > 0 and not lora.target_modules:
+        _fail(source, f"{key}.target_modules", "a LoRA needs at least one target module")
+
+
+def _validate_data(config: Config, source: str) -> None:
+    d, m = config.data, config.method
+    if d.dataset == "digits":
+        if d.path is not None:
+            _fail(source, "data.path", "the built-in digits take no path (set data.dataset to prompts or image_captions)")
+        return
+    if d.path is None:
+        _fail(source, "data.path", f"the {d.dataset} dataset needs a path: a local file or directory, or an HF datasets hub "
+              "id (on the command line: data.path=...)")
+    local = _local_or_hub(d.path)
+    if local is not None and not local.exists():
+        _fail(source, "data.path", f"{local.resolve()} does not exist")
+    needs_images = m.name == "add" or m.gan_weight > 0 or (
+        len(config.student.timesteps) > 1 and not config.student.backward_simulation)
+    if d.dataset == "prompts" and needs_images:
+        _fail(source, "data.dataset", "prompts have no real images, but the GAN / ADD term (or training without "
+              "backward simulation) needs them: use image_captions")
+    if d.resolution is not None and d.resolution <= 0:
+        _fail(source, "data.resolution", f"must be positive, got {d.resolution}")
+    if "classifier" in config.eval.features:
+        _fail(source, "eval.features", f"the classifier feature space is the digits classifier's; score {d.dataset} "
+              "samples in dinov2 (FD-DINOv2) or inception features, or set eval.features: [] and eval.clip")
+    if d.dataset == "prompts" and config.eval.features:
+        _fail(source, "eval.features", "prompts have no reference images for FD / precision / recall: set "
+              "eval.features: [] (and eval.clip for the CLIP score) or train on image_captions")
 
 
 def _validate_eval(e: EvalConfig, source: str) -> None:
@@ -475,6 +560,10 @@ def _validate_eval(e: EvalConfig, source: str) -> None:
         local = _local_or_hub(e.dinov2)
         if local is not None and not (local / "config.json").is_file():
             _fail(source, "eval.dinov2", f"{local.resolve()} has no config.json (give a DINOv2 directory or a hub id)")
+    if e.clip is not None:
+        local = _local_or_hub(e.clip)
+        if local is not None and not (local / "config.json").is_file():
+            _fail(source, "eval.clip", f"{local.resolve()} has no config.json (give a CLIP directory or a hub id)")
     if e.classifier is not None:
         local = _local_or_hub(e.classifier)
         if local is not None and not (local / "config.json").is_file():

@@ -28,7 +28,9 @@ from distill import metrics
 from distill.data import reference_set
 from distill.features import extract, load_classifier, load_extractor
 
-Generate = Callable[[int, int], tuple[Tensor, "Tensor | None"]]  # (num, seed) -> (images [0, 1], labels)
+# (num, seed) -> (images [0, 1], labels): class labels [num] (class-conditional), the prompts
+# (text-conditioned: a list of num strings) or None (unconditional)
+Generate = Callable[[int, int], tuple[Tensor, "Tensor | list[str] | None"]]
 BASELINE_STEPS = (1, 2, 4, 8, 25, 50)
 
 
@@ -67,15 +69,20 @@ class Scorer:
     """Scores images against a dataset's reference set in each feature space.
 
     Returns ``{"fd_<space>", "kid_<space>", "kid_std_<space>", "precision_<space>",
-    "recall_<space>", ...,  "class_accuracy", "num_samples"}``; class accuracy needs a
-    classifier and labels."""
+    "recall_<space>", ...,  "class_accuracy", "clip_score", "num_samples"}``; class accuracy
+    needs a classifier and class labels, the CLIP score a CLIP model and prompts.
+    ``reference`` = ``(key, images [N, C, H, W] in [0, 1])`` replaces the built-in
+    ``reference_set(dataset)`` (e.g. the images of an image-caption dataset)."""
 
     def __init__(self, *, feature_spaces: list[str], dataset: str, classifier: str | None, dinov2: str,
                  cache_dir: str | Path, nearest_k: int, kid_subsets: int, kid_subset_size: int, batch_size: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", clip: str | None = None,
+                 reference: tuple[str, Tensor] | None = None):
         self.device = torch.device(device)
         self.nearest_k, self.kid_subsets, self.kid_subset_size, self.batch_size = nearest_k, kid_subsets, kid_subset_size, batch_size
-        dataset_key, images, _ = reference_set(dataset)
+        if feature_spaces and reference is None:
+            reference = reference_set(dataset)[:2]
+        dataset_key, images = reference if reference is not None else (None, None)
         self.extractors = {name: load_extractor(name, classifier=classifier, dinov2=dinov2).to(self.device) for name in feature_spaces}
         self.references = {
             name: reference_features(extractor, dataset_key=dataset_key, images=lambda: images, cache_dir=cache_dir, batch_size=batch_size)
@@ -85,16 +92,25 @@ class Scorer:
             self.classifier = self.extractors["classifier"].classifier
         else:
             self.classifier = load_classifier(classifier).to(self.device) if classifier is not None else None
+        self.clip = None
+        if clip is not None:
+            from transformers import CLIPModel, CLIPProcessor
+
+            self.clip = (CLIPModel.from_pretrained(clip).eval().requires_grad_(False).to(self.device), CLIPProcessor.from_pretrained(clip))
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, labels: Tensor | None) -> dict[str, float]:
+    def __call__(self, images: Tensor, labels: "Tensor | list[str] | None") -> dict[str, float]:
+        """Scores of ``images`` [N, C, H, W] in [0, 1]; ``labels``: their class labels [N], or
+        their prompts (N strings) for the CLIP score, or None."""
         scores: dict[str, float] = {}
         for name, extractor in self.extractors.items():
             real, fake = self.references[name], extract(extractor, images, self.batch_size)
             scores[f"fd_{name}"] = metrics.frechet_distance(real, fake)
             scores[f"kid_{name}"], scores[f"kid_std_{name}"] = metrics.kernel_distance(real, fake, self.kid_subsets, self.kid_subset_size)
             scores[f"precision_{name}"], scores[f"recall_{name}"] = metrics.precision_recall(real, fake, self.nearest_k)
-        if self.classifier is not None and labels is not None:
+        if self.clip is not None and isinstance(labels, list):
+            scores["clip_score"] = metrics.clip_score(images, labels, *self.clip, batch_size=self.batch_size)
+        if self.classifier is not None and isinstance(labels, Tensor):
             logits = torch.cat([self.classifier(part.to(self.device)) for part in images.split(self.batch_size)])
             scores["class_accuracy"] = metrics.class_accuracy(logits, labels)
         scores["num_samples"] = len(images)
@@ -140,33 +156,45 @@ class _Scheduler:
 
 
 @torch.no_grad()
-def draw(teacher, sample_x0: Callable, num: int, seed: int, batch_size: int, device) -> tuple[Tensor, Tensor | None]:
-    """Images in [0, 1] [num, C, H, W] and their balanced class labels, in batches;
-    ``sample_x0(noise, cond, generator) -> x0``. The initial noise and every later draw come
-    from one CPU generator seeded with ``seed``, in the order diffusers' loops draw them."""
+def draw(teacher, sample_x0: Callable, num: int, seed: int, batch_size: int, device,
+         prompts: list[str] | None = None) -> tuple[Tensor, "Tensor | list[str] | None"]:
+    """Images in [0, 1] [num, C, H, W] and what they were conditioned on, in batches:
+    ``prompts`` (cycled to ``num``) for a text-conditioned teacher, else balanced class labels
+    (or None, unconditional); ``sample_x0(noise, cond, generator) -> x0``. The initial noise
+    and every later draw come from one CPU generator seeded with ``seed``, in the order
+    diffusers' loops draw them."""
     generator = torch.Generator().manual_seed(seed)
-    labels = balanced_labels(num, teacher.num_classes)
+    if prompts is not None:
+        if not prompts:
+            raise ValueError("draw: prompts is an empty list")
+        labels = [prompts[i % len(prompts)] for i in range(num)]
+    else:
+        labels = balanced_labels(num, teacher.num_classes)
     chunks = []
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
-        cond = teacher.condition({"class_label": labels[start : start + n]}) if labels is not None else {}
+        if isinstance(labels, list):
+            cond = teacher.condition({"prompt": labels[start : start + n]})
+        else:
+            cond = teacher.condition({"class_label": labels[start : start + n]}) if labels is not None else {}
         cond = {k: v.to(device) for k, v in cond.items()}
         noise = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
         chunks.append(teacher.decode(sample_x0(noise, cond, generator)).float().cpu())
     return torch.cat(chunks), labels
 
 
-def pipeline_generate(teacher, scheduler_class, steps: int, *, guidance_scale: float, batch_size: int, device) -> Generate:
+def pipeline_generate(teacher, scheduler_class, steps: int, *, guidance_scale: float, batch_size: int, device,
+                      prompts: list[str] | None = None) -> Generate:
     """``generate`` for a diffusers pipeline's denoiser under a stock scheduler loop."""
 
     def sample_x0(noise: Tensor, cond: dict, generator: torch.Generator) -> Tensor:
         return sample_teacher(teacher, scheduler_class, steps, noise, cond, guidance_scale, generator)
 
-    return lambda num, seed: draw(teacher, sample_x0, num, seed, batch_size, device)
+    return lambda num, seed: draw(teacher, sample_x0, num, seed, batch_size, device, prompts)
 
 
 def teacher_target(path: str, solver: str, steps: int, *, guidance_scale: float = 1.0, batch_size: int = 500,
-                   device="cpu", revision: str | None = None) -> Target:
+                   device="cpu", revision: str | None = None, prompts: list[str] | None = None) -> Target:
     """The teacher (hub id or local pipeline directory) under DDIM or DPM-Solver++."""
     from distill.teachers import load_teacher
 
@@ -174,13 +202,14 @@ def teacher_target(path: str, solver: str, steps: int, *, guidance_scale: float 
     if solver not in solvers:
         raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(solvers)}")
     teacher = load_teacher(path, revision)
-    teacher.denoiser.to(device)
+    teacher.to(device)
     generate = pipeline_generate(teacher, _Scheduler(solvers[solver]), steps, guidance_scale=guidance_scale,
-                                 batch_size=batch_size, device=device)
+                                 batch_size=batch_size, device=device, prompts=prompts)
     return Target(f"teacher, {SOLVER_NAMES[solver]}, {steps} step{'s' * (steps > 1)}", steps, generate)
 
 
-def export_target(path: str | Path, steps: int | None = None, *, batch_size: int = 500, device="cpu") -> Target:
+def export_target(path: str | Path, steps: int | None = None, *, batch_size: int = 500, device="cpu",
+                  prompts: list[str] | None = None) -> Target:
     """An exported pipeline directory under its own (few-step) scheduler; ``steps`` defaults
     to the number the student was trained for (from the export's recipe)."""
     import yaml
@@ -191,16 +220,17 @@ def export_target(path: str | Path, steps: int | None = None, *, batch_size: int
     path = Path(path)
     pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True)
     exported = teacher_from_pipeline(pipe)
-    exported.denoiser.to(device)
+    exported.to(device)
     recipe = path / "distill_recipe.yaml"
     if steps is None:
         steps = len(yaml.safe_load(recipe.read_text())["student"]["timesteps"]) if recipe.is_file() else 1
-    generate = pipeline_generate(exported, type(pipe.scheduler), steps, guidance_scale=1.0, batch_size=batch_size, device=device)
+    generate = pipeline_generate(exported, type(pipe.scheduler), steps, guidance_scale=1.0, batch_size=batch_size, device=device,
+                                 prompts=prompts)
     return Target(f"export {path.name}, {steps} step{'s' * (steps > 1)}", steps, generate)
 
 
 def run_target(run_dir: str | Path, checkpoint: str = "latest", steps: int | None = None, *, batch_size: int = 500,
-               device="cpu") -> tuple[Target, dict]:
+               device="cpu", prompts: list[str] | None = None) -> tuple[Target, dict]:
     """A training run's student (EMA weights of ``checkpoint``: 'latest', 'best' or a
     directory) under its own few-step sampler; also returns the run's resolved config."""
     from distill.export import load_run
@@ -210,13 +240,13 @@ def run_target(run_dir: str | Path, checkpoint: str = "latest", steps: int | Non
 
     config, ckpt = load_run(run_dir, checkpoint)
     teacher = load_teacher(config["teacher"]["path"], config["teacher"].get("revision"))
-    teacher.denoiser.to(device)
+    teacher.to(device)
     student = type(teacher.denoiser).from_pretrained(ckpt / "student", use_safetensors=True).eval().to(device)
     timesteps = config["student"]["timesteps"][: steps or None]
     sampler = FewStepSampler(timesteps, teacher.schedule)
 
     def generate(num: int, seed: int):
-        return generate_student(teacher, student, sampler, num, seed, batch_size, device)
+        return generate_student(teacher, student, sampler, num, seed, batch_size, device, prompts)
 
     name = f"student {Path(run_dir).name} ({ckpt.name}), {len(sampler)} step{'s' * (len(sampler) > 1)}"
     return Target(name, len(sampler), generate), config

@@ -146,7 +146,7 @@ class DistillTrainer:
 
     def _setup_teacher(self):
         teacher = load_teacher(self.config.teacher.path, self.config.teacher.revision)
-        teacher.denoiser.to(self.device)
+        teacher.to(self.device)
         return teacher
 
     def _setup_method(self) -> DMD2 | ADD:
@@ -171,7 +171,8 @@ class DistillTrainer:
             return discriminator
         head = None
         if self.method.uses_gan and discriminator is None:
-            head = Heads("maps", [self.teacher.bottleneck_channels()], width=d.head_width, num_classes=self.teacher.num_classes)
+            head = Heads("maps", [self.teacher.bottleneck_channels()], width=d.head_width, num_classes=self.teacher.num_classes,
+                         cond_dim=self.teacher.head_condition_dim)
         return Critic(make_student(self.teacher.denoiser), self.teacher, head, discriminator if self.method.uses_gan else None)
 
     def _setup_optimizer(self, parameters, optim: config_lib.OptimizerConfig):
@@ -420,14 +421,15 @@ def scorer_from_config(e: config_lib.EvalConfig, dataset: str, device) -> Scorer
                   kid_subset_size=e.kid_subset_size, batch_size=e.batch_size, device=device)
 
 
-def generate(teacher, student, sampler: FewStepSampler, num: int, seed: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def generate(teacher, student, sampler: FewStepSampler, num: int, seed: int, batch_size: int, device,
+             prompts: list[str] | None = None) -> tuple[torch.Tensor, "torch.Tensor | list[str] | None"]:
     """Images in [0, 1] [num, C, H, W] from the student's few-step sampler, and their class
-    labels (balanced), drawn with one CPU generator seeded with ``seed``."""
+    labels (balanced) or prompts, drawn with one CPU generator seeded with ``seed``."""
 
     def sample_x0(noise, cond, generator):
         return sampler.sample(lambda x_t, t: teacher.x0(student, x_t, t, cond), noise, generator)
 
-    return draw(teacher, sample_x0, num, seed, batch_size, device)
+    return draw(teacher, sample_x0, num, seed, batch_size, device, prompts)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

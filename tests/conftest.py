@@ -54,12 +54,12 @@ def build_tiny_dinov2(path: Path) -> Path:
     return path
 
 
-def build_tiny_clip(path: Path) -> Path:
-    """A randomly initialised CLIP (one layer per tower, 16x16 images) with a byte-level
-    tokenizer whose vocabulary the test writes (single characters, no merges)."""
+def write_tiny_clip_tokenizer(path: Path):
+    """A byte-level CLIP tokenizer whose vocabulary the test writes: single characters, no
+    merges, so any text tokenizes offline. Returns (tokenizer, vocab)."""
     import json
 
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     path.mkdir(parents=True, exist_ok=True)
@@ -67,18 +67,99 @@ def build_tiny_clip(path: Path) -> Path:
     vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
     (path / "vocab.json").write_text(json.dumps(vocab))
     (path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    return tokenizer, vocab
+
+
+def _clip_special(vocab: dict) -> dict:
+    return {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"], "pad_token_id": vocab["<|endoftext|>"]}
+
+
+def build_tiny_clip(path: Path) -> Path:
+    """A randomly initialised CLIP (one layer per tower, 16x16 images) with the test-written
+    byte-level tokenizer."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer, vocab = write_tiny_clip_tokenizer(path)
     images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     torch.manual_seed(0)
-    special = {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"], "pad_token_id": vocab["<|endoftext|>"]}
     config = CLIPConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, **special),
+                         num_attention_heads=2, max_position_embeddings=32, **_clip_special(vocab)),
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8),
         projection_dim=8,
     )
     CLIPModel(config).save_pretrained(path)
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def _tiny_text_encoder(vocab: dict, hidden: int, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=16, projection_dim=hidden, **_clip_special(vocab))
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         sample_size=16, scaling_factor=0.5)
+
+
+def _sd_scheduler(cls_name: str, prediction_type: str = "epsilon"):
+    """The scheduler class the real checkpoints ship (SD 1.5: PNDM, SD 2.1: DDIM, SDXL:
+    Euler) with their scaled-linear betas."""
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    return cls.from_config(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                skip_prk_steps=True, timestep_spacing="leading"))
+
+
+def build_tiny_sd(path: Path, prediction_type: str = "epsilon") -> Path:
+    """A tiny Stable Diffusion 1.x / 2.x pipeline: 16x16 images, 8x8x4 latents (VAE scale 2,
+    scaling factor 0.5), a 2-block cross-attention UNet, a 2-layer CLIP text encoder and the
+    test-written tokenizer; ``prediction_type="v_prediction"`` is the SD 2.x-v layout."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    tokenizer, vocab = write_tiny_clip_tokenizer(path / "_tokenizer_files")
+    text_encoder = _tiny_text_encoder(vocab, 16)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+    )
+    pipe = StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=_sd_scheduler("PNDMScheduler" if prediction_type == "epsilon" else "DDIMScheduler", prediction_type), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_sdxl(path: Path) -> Path:
+    """A tiny SDXL pipeline: two CLIP text encoders (the second with projection: pooled
+    embeddings), size/crop time ids (``addition_embed_type="text_time"``), 16x16 images."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    tokenizer, vocab = write_tiny_clip_tokenizer(path / "_tokenizer_files")
+    text_encoder, text_encoder_2 = _tiny_text_encoder(vocab, 16), _tiny_text_encoder(vocab, 16, with_projection=True)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 16,
+    )
+    pipe = StableDiffusionXLPipeline(vae=_tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=_sd_scheduler("EulerDiscreteScheduler"),
+                                     force_zeros_for_empty_prompt=True)
+    pipe.save_pretrained(path, safe_serialization=True)
     return path
 
 
@@ -90,6 +171,21 @@ def tiny_dinov2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     return build_tiny_clip(tmp_path_factory.mktemp("tiny") / "clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd21-v", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "sdxl")
 
 
 @pytest.fixture(scope="session")

@@ -110,7 +110,7 @@ class Discriminator(nn.Module):
             if not all(0 <= i < len(all_channels) for i in self.layers):
                 raise ValueError(f"teacher feature layers must be in 0..{len(all_channels) - 1}, got {self.layers}")
             channels, kind = [all_channels[i] for i in self.layers], "maps"
-        self.heads = Heads(kind, channels, width=width, num_classes=teacher.num_classes)
+        self.heads = Heads(kind, channels, width=width, num_classes=teacher.num_classes, cond_dim=teacher.head_condition_dim)
 
     def forward(self, x0: Tensor, t: Tensor, noise: Tensor, cond: dict[str, Tensor]) -> Tensor:
         teacher = self._teacher

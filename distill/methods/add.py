@@ -33,7 +33,7 @@ from distill.methods.common import (
     to_device,
 )
 from distill.students import FewStepSampler
-from distill.teachers import Teacher, cat_conditions
+from distill.teachers import Teacher, cat_conditions, real_x0
 
 
 class ADD:
@@ -77,7 +77,7 @@ class ADD:
     def generator_loss(self, student: nn.Module, critic: Discriminator, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Generator phase. ``student`` trains (a prepared module); ``critic`` is frozen."""
         cond = to_device(self.teacher.condition(batch), device)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         x0_student = self._x0(student, batch, cond, generator, grad=True)
         n = len(x0_student)
 
@@ -87,7 +87,7 @@ class ADD:
         logits_real = None
         if self.gan_loss == "relativistic":
             with torch.no_grad():
-                x0_real = self._augment(self.teacher.encode_images(batch["image"]), generator)
+                x0_real = self._augment(real_x0(self.teacher, batch), generator)
                 logits_real = critic(x0_real, t, randn_like(x0_real, generator), cond)
         loss_gan, logs = generator_adversarial_loss(logits_fake, logits_real, kind=self.gan_loss)
         loss = self.gan_weight * loss_gan
@@ -109,9 +109,9 @@ class ADD:
     def critic_loss(self, student: nn.Module, critic: nn.Module, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Critic phase: real images against student samples, in one discriminator forward."""
         cond = to_device(self.teacher.condition(batch), device)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         x0_fake = self._augment(self._x0(student, batch, cond, generator, grad=False), generator)
-        x0_real = self._augment(self.teacher.encode_images(batch["image"]), generator)
+        x0_real = self._augment(real_x0(self.teacher, batch), generator)
         n = len(x0_fake)
         t = self._timesteps(2 * n, generator, device)
         noise = randn_like(torch.cat([x0_fake, x0_real]), generator)

@@ -11,11 +11,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distill.losses import discriminator_penalty
 from distill.students import FewStepSampler
-from distill.teachers import Teacher
+from distill.teachers import Teacher, real_x0
 
 
-def to_device(cond: dict[str, Tensor], device) -> dict[str, Tensor]:
-    return {k: v.to(device) for k, v in cond.items()}
+def to_device(batch: dict, device) -> dict:
+    """A batch or conditioning with its tensors on ``device`` (prompts stay lists of strings)."""
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 def randn_like(like: Tensor, generator: torch.Generator) -> Tensor:
@@ -30,14 +31,14 @@ def student_x0(teacher: Teacher, sampler: FewStepSampler, student: nn.Module, ba
     earlier steps (backward simulation, DMD2 §4.5) or from a real image noised to that
     step's timestep (ADD §3.1)."""
     device = next(iter(cond.values())).device if cond else batch["image"].device
-    n = len(batch["class_label"]) if "class_label" in batch else len(batch["image"])
+    n = len(next(v for k, v in batch.items() if k in ("class_label", "prompt", "image", "latent") or k.startswith("cond.")))
     noise = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
     k = int(torch.randint(0, len(sampler), (1,), generator=generator))
     x0_fn = lambda x_t, t: teacher.x0(student, x_t, t, cond)
     if backward_simulation or k == 0:
         x_t = sampler.simulate(x0_fn, noise, k, generator)
     else:
-        x_t = teacher.schedule.add_noise(teacher.encode_images(batch["image"].to(device)), noise, sampler.timestep(k, noise))
+        x_t = teacher.schedule.add_noise(real_x0(teacher, batch).to(device), noise, sampler.timestep(k, noise))
     with nullcontext() if grad else torch.no_grad():
         return x0_fn(x_t, sampler.timestep(k, x_t))
 

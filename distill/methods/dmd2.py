@@ -25,7 +25,7 @@ from distill.methods.common import (
     to_device,
 )
 from distill.students import FewStepSampler
-from distill.teachers import Teacher, cat_conditions
+from distill.teachers import Teacher, cat_conditions, real_x0
 
 
 class Critic(nn.Module):
@@ -107,7 +107,7 @@ class DMD2:
         return self.schedule.sample_timesteps(n, generator=generator, t_min=self.t_min, t_max=self.t_max, device=device)
 
     def _real_x0(self, batch: dict, device) -> Tensor:
-        return self.teacher.encode_images(batch["image"].to(device))
+        return real_x0(self.teacher, batch).to(device)
 
     def student_x0(self, student: nn.Module, batch: dict, cond: dict, generator: torch.Generator, grad: bool) -> Tensor:
         return student_x0(self.teacher, self.sampler, student, batch, cond, generator, grad=grad,
@@ -123,7 +123,7 @@ class DMD2:
     def generator_loss(self, student: nn.Module, critic: Critic, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Generator phase. ``student`` trains (a prepared module); ``critic`` is frozen."""
         cond = to_device(self.teacher.condition(batch), device)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         x0_student = self.student_x0(student, batch, cond, generator, grad=True)
 
         t = self._timesteps(len(x0_student), generator, device)
@@ -153,7 +153,7 @@ class DMD2:
     def critic_loss(self, student: nn.Module, critic: nn.Module, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Critic phase. ``critic`` trains (a prepared module); ``student`` only samples."""
         cond = to_device(self.teacher.condition(batch), device)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         x0_student = self.student_x0(student, batch, cond, generator, grad=False)
         n = len(x0_student)
         t = self._timesteps(n, generator, device)

@@ -6,10 +6,11 @@ import os
 
 from diffusers import DiffusionPipeline
 
-from distill.teachers.base import Teacher, cat_conditions
+from distill.teachers.base import COND_PREFIX, Teacher, cached_condition, cat_conditions, real_x0
 from distill.teachers.pixel_unet import PixelUNetTeacher
 
-__all__ = ["Teacher", "PixelUNetTeacher", "cat_conditions", "load_teacher", "teacher_from_pipeline"]
+__all__ = ["COND_PREFIX", "Teacher", "PixelUNetTeacher", "cached_condition", "cat_conditions", "load_teacher", "real_x0",
+           "teacher_from_pipeline"]
 
 
 def load_teacher(path: str, revision: str | None = None) -> Teacher:

@@ -27,6 +27,11 @@ class PixelUNetTeacher:
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         self.sample_shape = (unet.config.in_channels, *size)
+        self.head_condition_dim = None
+
+    def to(self, device) -> "PixelUNetTeacher":
+        self.denoiser.to(device)
+        return self
 
     @classmethod
     def from_pipeline(cls, pipe) -> "PixelUNetTeacher":
