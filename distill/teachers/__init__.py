@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import os
 
+import torch
 from diffusers import DiffusionPipeline
 
 from distill.teachers.base import COND_PREFIX, Teacher, cached_condition, cat_conditions, real_x0
 from distill.teachers.pixel_unet import PixelUNetTeacher
+from distill.teachers.stable_diffusion import StableDiffusionTeacher, StableDiffusionXLTeacher
 
-__all__ = ["COND_PREFIX", "Teacher", "PixelUNetTeacher", "cached_condition", "cat_conditions", "load_teacher", "real_x0",
-           "teacher_from_pipeline"]
+__all__ = ["COND_PREFIX", "Teacher", "PixelUNetTeacher", "StableDiffusionTeacher", "StableDiffusionXLTeacher", "cached_condition",
+           "cat_conditions", "load_teacher", "real_x0", "teacher_from_pipeline"]
 
 
-def load_teacher(path: str, revision: str | None = None) -> Teacher:
+def load_teacher(path: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
+                 image_size: int | None = None) -> Teacher:
     """Load a teacher from a hub id or a local pipeline directory, picking the adapter from
-    the pipeline's ``model_index.json`` (which components it has, and their classes)."""
+    the pipeline's ``model_index.json`` (which components it has, and their classes).
+    ``dtype``: of its frozen parts; ``image_size``: train and sample at this side instead of
+    the checkpoint's default (latent models)."""
     try:
         index = DiffusionPipeline.load_config(path, revision=revision)
     except Exception as err:  # hub errors, missing files: say where we looked
@@ -23,21 +28,27 @@ def load_teacher(path: str, revision: str | None = None) -> Teacher:
             f"could not read the teacher's model_index.json from {path!r} "
             f"(a local pipeline directory or a hub id; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {err}"
         ) from err
-    return _adapter_class(index, path).from_pretrained(path, revision=revision)
+    return _adapter_class(index, path).from_pretrained(path, revision=revision, dtype=dtype, image_size=image_size)
 
 
-def teacher_from_pipeline(pipe: DiffusionPipeline) -> Teacher:
+def teacher_from_pipeline(pipe: DiffusionPipeline, image_size: int | None = None) -> Teacher:
     """The adapter over an already loaded pipeline (an export, or a teacher being exported)."""
-    return _adapter_class(dict(pipe.config), type(pipe).__name__).from_pipeline(pipe)
+    return _adapter_class(dict(pipe.config), type(pipe).__name__).from_pipeline(pipe, image_size=image_size)
 
 
 def _adapter_class(index: dict, source: str) -> type:
     """The adapter for a pipeline, from its components and their classes (model_index.json)."""
+    def has(name: str) -> bool:  # absent components are missing or saved as [null, null]
+        return bool(index.get(name)) and index[name][0] is not None
+
     unet = index.get("unet")
     if unet is not None and unet[1] == "UNet2DModel":
         return PixelUNetTeacher
+    if unet is not None and unet[1] == "UNet2DConditionModel" and has("vae") and has("text_encoder"):
+        return StableDiffusionXLTeacher if has("text_encoder_2") else StableDiffusionTeacher
     components = {k: v for k, v in index.items() if not k.startswith("_")}
     raise ValueError(
         f"no teacher adapter for the pipeline at {source!r} ({index.get('_class_name')}, components {components}); "
-        "supported: pixel UNet2DModel pipelines"
+        "supported: pixel UNet2DModel pipelines; Stable Diffusion 1.x / 2.x (UNet2DConditionModel, AutoencoderKL vae, "
+        "CLIP text_encoder) and SDXL (the same with text_encoder_2)"
     )

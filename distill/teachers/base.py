@@ -25,6 +25,7 @@ class Teacher(Protocol):
     scheduler_config: dict  # the checkpoint's own scheduler config
     sample_shape: tuple[int, ...]  # (C, H, W) of x0 in the space the denoiser works in
     num_classes: int | None  # class-conditional checkpoints: real classes (without the null class)
+    image_size: tuple[int, int]  # (H, W) of the images it generates (decode's output)
     head_condition_dim: int | None  # width of head_condition's vectors (text: pooled embedding); None for labels / none
 
     def to(self, device) -> "Teacher": ...  # move every frozen part (denoiser, VAE, text encoders); returns self

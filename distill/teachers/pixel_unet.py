@@ -16,7 +16,7 @@ from distill.teachers.base import cat_conditions
 
 
 class PixelUNetTeacher:
-    def __init__(self, unet: UNet2DModel, scheduler_config: dict):
+    def __init__(self, unet: UNet2DModel, scheduler_config: dict, image_size: int | None = None):
         self.denoiser = unet.requires_grad_(False).eval()
         self.scheduler_config = dict(scheduler_config)
         self.schedule = schedule_from_config(self.scheduler_config)
@@ -27,6 +27,9 @@ class PixelUNetTeacher:
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         self.sample_shape = (unet.config.in_channels, *size)
+        if image_size is not None and (image_size, image_size) != size:
+            raise ValueError(f"this pixel UNet works at {size[0]}x{size[1]}, not {image_size}")
+        self.image_size = size
         self.head_condition_dim = None
 
     def to(self, device) -> "PixelUNetTeacher":
@@ -34,16 +37,17 @@ class PixelUNetTeacher:
         return self
 
     @classmethod
-    def from_pipeline(cls, pipe) -> "PixelUNetTeacher":
+    def from_pipeline(cls, pipe, image_size: int | None = None) -> "PixelUNetTeacher":
         """The adapter over an already loaded pipeline's ``unet`` and ``scheduler``."""
-        return cls(pipe.unet, {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__})
+        return cls(pipe.unet, {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}, image_size)
 
     @classmethod
-    def from_pretrained(cls, path: str, revision: str | None = None) -> "PixelUNetTeacher":
-        unet = UNet2DModel.from_pretrained(path, subfolder="unet", revision=revision, use_safetensors=True)
+    def from_pretrained(cls, path: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
+                        image_size: int | None = None) -> "PixelUNetTeacher":
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", revision=revision, use_safetensors=True, torch_dtype=dtype)
         scheduler_config = DDPMScheduler.load_config(  # the raw dict, whatever its class
             path, subfolder="scheduler", revision=revision)
-        return cls(unet, scheduler_config)
+        return cls(unet, scheduler_config, image_size)
 
     # conditioning ---------------------------------------------------------------------
     def condition(self, batch: dict) -> dict[str, Tensor]:
