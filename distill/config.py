@@ -271,7 +271,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return None
         raise bad
     if origin is Literal:
-        if value in typing.get_args(tp):
+        if isinstance(value, bool) and not value and "no" in typing.get_args(tp):
+            return "no"  # YAML 1.1 reads a bare `no` (e.g. mixed_precision: no) as false
+        if not isinstance(value, bool) and value in typing.get_args(tp):
             return value
         raise bad
     if origin is list:
@@ -392,7 +394,9 @@ def _local_or_hub(path: str) -> Path | None:
     p = Path(path).expanduser()
     if p.exists():
         return p
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not p.suffix
+    # org/name; a dot in the name is fine (stable-diffusion-xl-base-1.0), a file extension is not
+    file_like = p.suffix.lower() in (".txt", ".yaml", ".yml", ".json", ".jsonl", ".csv", ".parquet", ".safetensors", ".bin")
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not file_like
     return None if looks_like_hub_id else p
 
 
@@ -516,6 +520,8 @@ def _validate_data(config: Config, source: str) -> None:
     if d.dataset == "digits":
         if d.path is not None:
             _fail(source, "data.path", "the built-in digits take no path (set data.dataset to prompts or image_captions)")
+        if d.cache_dir is not None:
+            _fail(source, "data.cache_dir", "the built-in digits are encoded by nothing: the cache is for latent teachers' data")
         return
     if d.path is None:
         _fail(source, "data.path", f"the {d.dataset} dataset needs a path: a local file or directory, or an HF datasets hub "

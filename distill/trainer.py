@@ -37,12 +37,12 @@ from tqdm.auto import tqdm
 
 from distill import config as config_lib
 from distill.config import Config
-from distill.data import DigitsDataset, EpochSampler, collate, step_generator
+from distill.data import EpochSampler, cached_dataset, collate, image_reference_set, make_dataset, step_generator
 from distill.discriminators import Discriminator, Heads
 from distill.evaluate import Scorer, draw
 from distill.methods import ADD, DMD2, Critic
 from distill.students import FewStepSampler, make_student
-from distill.teachers import load_teacher
+from distill.teachers import COND_PREFIX, load_teacher
 
 CHECKPOINT_PREFIX = "step-"
 BEST = "best"
@@ -145,9 +145,9 @@ class DistillTrainer:
         self.accelerator.init_trackers("distill", config=_flat(config_lib.to_dict(cfg)))
 
     def _setup_teacher(self):
-        teacher = load_teacher(self.config.teacher.path, self.config.teacher.revision)
-        teacher.to(self.device)
-        return teacher
+        t = self.config.teacher
+        teacher = load_teacher(t.path, t.revision, dtype=getattr(torch, t.dtype), image_size=self.config.data.resolution)
+        return teacher.to(self.device)
 
     def _setup_method(self) -> DMD2 | ADD:
         m = self.config.method
@@ -191,15 +191,32 @@ class DistillTrainer:
         return ema
 
     def _setup_data(self):
-        dataset = DigitsDataset("train")
+        d = self.config.data
+        self.raw_dataset = dataset = make_dataset(
+            dataset=d.dataset, path=d.path, split=d.split, prompt_column=d.prompt_column, image_column=d.image_column,
+            resolution=self.teacher.image_size[0])
+        if d.cache_dir is not None:
+            with self.accelerator.main_process_first():  # the main process encodes; the others find it complete
+                dataset = cached_dataset(dataset, self._encode_for_cache, cache_dir=d.cache_dir,
+                                         key=teacher_identity(self.config.teacher, self.teacher.image_size), batch_size=d.batch_size)
         order = EpochSampler(
             len(dataset),
-            self.config.data.batch_size,
+            d.batch_size,
             seed=self.config.seed,
             rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes,
         )
         return dataset, order
+
+    @torch.no_grad()
+    def _encode_for_cache(self, batch: dict) -> dict[str, torch.Tensor]:
+        """What the cache stores per item: the conditioning (``cond.<key>``) and, for images,
+        their latents (``latent``): what the teacher would otherwise encode every step."""
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        encoded = {f"{COND_PREFIX}{k}": v for k, v in self.teacher.condition(batch).items()}
+        if "image" in batch:
+            encoded["latent"] = self.teacher.encode_images(batch["image"])
+        return encoded
 
     # ---------------------------------------------------------------------- loop
     @property
@@ -358,9 +375,11 @@ class DistillTrainer:
                 shutil.rmtree(best)  # chosen among lost steps; the resumed run chooses again
 
     # ---------------------------------------------------------------------- samples and scores
-    def generate(self, student: torch.nn.Module, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``num`` samples (images in [0, 1]) with balanced class labels, from a fixed seed."""
-        return generate(self.teacher, student, self.sampler, num, seed, self.config.eval.batch_size, self.device)
+    def generate(self, student: torch.nn.Module, num: int, seed: int) -> tuple[torch.Tensor, "torch.Tensor | list[str] | None"]:
+        """``num`` samples (images in [0, 1]) with balanced class labels or the data's prompts,
+        from a fixed seed."""
+        return generate(self.teacher, student, self.sampler, num, seed, self.config.eval.batch_size, self.device,
+                        getattr(self.raw_dataset, "prompts", None))
 
     def write_samples(self, step: int) -> None:
         if not self.accelerator.is_main_process:
@@ -375,7 +394,8 @@ class DistillTrainer:
     def scores(self, num_samples: int) -> tuple[dict, torch.nn.Module]:
         """Scores of the EMA student on ``num_samples`` samples (fixed seed), and that student."""
         if not hasattr(self, "_scorer"):
-            self._scorer = scorer_from_config(self.config.eval, self.config.data.dataset, self.device)
+            self._scorer = scorer_from_config(self.config.eval, self.config.data.dataset, self.device,
+                                              reference=eval_reference(self.raw_dataset, self.config.eval))
         student = self.eval_student()
         images, labels = self.generate(student, num_samples, seed=self.config.seed + 1)
         return self._scorer(images, labels), student
@@ -404,7 +424,7 @@ class DistillTrainer:
         partial.rename(best)
 
     def final_scores(self) -> dict | None:
-        if not self.accelerator.is_main_process or not self.config.eval.features:
+        if not self.accelerator.is_main_process or not (self.config.eval.features or self.config.eval.clip):
             return None
         metrics, _ = self.scores(self.config.eval.num_samples)
         metrics.update(step=self.state.step, steps=len(self.sampler), timesteps=self.sampler.timesteps,
@@ -414,11 +434,35 @@ class DistillTrainer:
         return metrics
 
 
-def scorer_from_config(e: config_lib.EvalConfig, dataset: str, device) -> Scorer:
-    """The ``Scorer`` a recipe's ``eval`` section describes, for its dataset."""
+def scorer_from_config(e: config_lib.EvalConfig, dataset: str, device, reference=None) -> Scorer:
+    """The ``Scorer`` a recipe's ``eval`` section describes, for its dataset (``reference``:
+    see ``eval_reference``)."""
     return Scorer(feature_spaces=e.features, dataset=dataset, classifier=e.classifier, dinov2=e.dinov2,
                   cache_dir=e.cache_dir, nearest_k=e.nearest_k, kid_subsets=e.kid_subsets,
-                  kid_subset_size=e.kid_subset_size, batch_size=e.batch_size, device=device)
+                  kid_subset_size=e.kid_subset_size, batch_size=e.batch_size, device=device, clip=e.clip,
+                  reference=reference)
+
+
+def eval_reference(dataset, e: config_lib.EvalConfig) -> tuple[str, torch.Tensor] | None:
+    """The real images samples are scored against when the data is an image-caption set (a
+    fixed subset of ``eval.num_samples``); None for the built-in digits (their own reference
+    set) and for prompts (no images)."""
+    if not e.features or not hasattr(dataset, "table"):
+        return None
+    key, images, _ = image_reference_set(dataset, num=min(e.num_samples, len(dataset)))
+    return key, images
+
+
+def teacher_identity(t: config_lib.TeacherConfig, image_size) -> str:
+    """Names the teacher's encoders for the latent / embedding cache: path, revision, dtype,
+    image size and, for a local directory, the size and time of every weight file."""
+    parts = [t.path, str(t.revision), t.dtype, f"{image_size[0]}x{image_size[1]}"]
+    local = Path(t.path).expanduser()
+    if local.is_dir():
+        for weights in sorted(local.rglob("*.safetensors")):
+            stat = weights.stat()
+            parts.append(f"{weights.relative_to(local)}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "|".join(parts)
 
 
 def generate(teacher, student, sampler: FewStepSampler, num: int, seed: int, batch_size: int, device,

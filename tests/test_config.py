@@ -433,3 +433,16 @@ def test_cli_validate_missing_recipe(tmp_path):
     with pytest.raises(SystemExit) as excinfo:
         main(["validate", str(tmp_path / "missing.yaml")])
     assert "missing.yaml" in str(excinfo.value)
+
+
+def test_hub_ids_with_dots_are_not_mistaken_for_missing_local_paths(tmp_path):
+    assert config_lib._local_or_hub("stabilityai/stable-diffusion-xl-base-1.0") is None
+    assert config_lib._local_or_hub("org/prompts.txt") is not None  # a file: a local path that does not exist
+    assert config_lib._local_or_hub(str(tmp_path)) == tmp_path
+
+
+def test_bare_no_in_yaml_reads_as_the_literal_no(tmp_path, tiny):
+    config = config_lib.load(None, [*tiny, "train.mixed_precision=no"])
+    assert config.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        config_lib.load(None, [*tiny, "train.mixed_precision=yes"])
