@@ -35,23 +35,41 @@ def _export(args) -> None:
     print(f"exported {args.run_dir} -> {out}")
 
 
+def _prompts(args, run_config: dict | None) -> list[str] | None:
+    """Prompts for a text-to-image target: --prompts, else a run's own training data's."""
+    from distill.data import PromptDataset
+
+    if args.prompts:
+        return PromptDataset(args.prompts).prompts
+    data = (run_config or {}).get("data", {})
+    if data.get("dataset", "digits") != "digits":
+        return PromptDataset(data["path"], split=data["split"], column=data["prompt_column"]).prompts
+    return None
+
+
 def _target(args, device):
     """A run directory, an export, or (with --solver) a teacher pipeline, as evaluation targets."""
+    import yaml
+
     from distill import evaluate
 
     source = Path(args.target)
     if (source / "config.yaml").is_file():
         if args.solver:
             raise SystemExit(f"distill {args.command}: --solver samples a teacher pipeline; {source} is a run directory")
-        target, config = evaluate.run_target(source, args.checkpoint, args.steps, batch_size=args.batch_size, device=device)
+        prompts = _prompts(args, yaml.safe_load((source / "config.yaml").read_text()))
+        target, config = evaluate.run_target(source, args.checkpoint, args.steps, batch_size=args.batch_size, device=device,
+                                             prompts=prompts)
         return [target], config
+    prompts = _prompts(args, None)
     if (source / "model_index.json").is_file() or (args.solver and not source.exists()):
         if not args.solver:
-            return [evaluate.export_target(source, args.steps, batch_size=args.batch_size, device=device)], None
+            return [evaluate.export_target(source, args.steps, batch_size=args.batch_size, device=device, prompts=prompts)], None
         solvers = list(evaluate.SOLVER_NAMES) if args.solver == "all" else [args.solver]
         steps = [args.steps] if args.steps else list(evaluate.BASELINE_STEPS)
         return [
-            evaluate.teacher_target(str(args.target), solver, n, guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=device)
+            evaluate.teacher_target(str(args.target), solver, n, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+                                    device=device, prompts=prompts)
             for n in steps for solver in solvers
         ], None
     raise FileNotFoundError(
@@ -77,22 +95,34 @@ def _eval(args) -> None:
     import torch
 
     from distill import evaluate
-    from distill.trainer import save_grid, scorer_from_config
+    from distill.data import make_dataset
+    from distill.trainer import eval_reference, save_grid, scorer_from_config
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     targets, run_config = _target(args, device)
     overrides = [f"{key}={value}" for key, value in (("eval.num_samples", args.num), ("eval.features", args.features),
                                                      ("eval.classifier", args.classifier), ("eval.dinov2", args.dinov2),
-                                                     ("eval.cache_dir", args.cache_dir)) if value is not None]
+                                                     ("eval.clip", args.clip), ("eval.cache_dir", args.cache_dir)) if value is not None]
+    if args.reference:
+        overrides += ["data.dataset=image_captions", f"data.path={args.reference}"]
     if run_config is not None:  # the run's own eval settings, then the command line's
         overrides = [f"{k}={json.dumps(v)}" for k, v in _flat_eval(run_config)] + overrides
     config = config_lib.load_eval(overrides, source=f"distill eval {args.target}")
-    scorer = scorer_from_config(config.eval, config.data.dataset, device)
     out = Path(args.out or (Path(args.target) / "eval" if run_config is not None else Path("eval") / Path(args.target).name))
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, scorer = [], None
     for target in targets:
         images, labels = target.generate(config.eval.num_samples, args.seed)
+        if scorer is None:  # the reference images of an image-caption set come at the targets' size
+            reference = None
+            if config.data.dataset == "image_captions":
+                d = config.data
+                dataset = make_dataset(dataset=d.dataset, path=d.path, split=d.split, prompt_column=d.prompt_column,
+                                       image_column=d.image_column, resolution=images.shape[-1])
+                reference = eval_reference(dataset, config.eval)
+            elif config.data.dataset == "prompts" and config.eval.features:
+                raise ValueError("prompts have no reference images: score with --features [] and --clip, or give --reference")
+            scorer = scorer_from_config(config.eval, config.data.dataset, device, reference=reference)
         row = {"name": target.name, "steps": target.steps, **scorer(images, labels)}
         if not args.no_speed:
             row.update(evaluate.measure_speed(target.generate, batch_size=config.eval.batch_size, device=device))
@@ -146,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance for --solver")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--batch-size", type=int, default=config_lib.EvalConfig().batch_size, help="generation batch")
+        p.add_argument("--prompts", default=None,
+                       help="text-to-image targets: a .txt file (one prompt per line) or an HF dataset with a `text` column "
+                            "(default for a run: its training data's prompts)")
         if name == "sample":
             p.add_argument("--out", default="samples.png")
             p.add_argument("--num", type=int, default=64)
@@ -156,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--features", default=None, help="feature spaces, e.g. [classifier,dinov2] (default: eval.features)")
             p.add_argument("--classifier", default=None, help="scoring classifier (default: eval.classifier)")
             p.add_argument("--dinov2", default=None, help="DINOv2 checkpoint for the dinov2 features (default: eval.dinov2)")
+            p.add_argument("--clip", default=None, help="CLIP model for the CLIP score against --prompts (default: eval.clip)")
+            p.add_argument("--reference", default=None,
+                           help="image-caption dataset whose images FD / precision / recall compare with (default for a run: its data)")
             p.add_argument("--cache-dir", default=None, help="reference-feature cache (default: eval.cache_dir)")
             p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
             p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")

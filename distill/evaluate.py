@@ -289,6 +289,7 @@ COLUMNS = [  # (metrics key, header, format)
     ("precision_{space}", "precision ↑", "{:.3f}"),
     ("recall_{space}", "recall ↑", "{:.3f}"),
     ("class_accuracy", "class acc. ↑", "{:.3f}"),
+    ("clip_score", "CLIP score ↑", "{:.2f}"),
     ("latency_ms", "latency ms ↓", "{:.1f}"),
     ("seconds_per_1000", "s / 1,000 ↓", "{:.2f}"),
 ]
