@@ -31,7 +31,7 @@ def _train(args) -> None:
 def _export(args) -> None:
     from distill.export import export
 
-    out = export(args.run_dir, args.out_dir, checkpoint=args.checkpoint)
+    out = export(args.run_dir, args.out_dir, checkpoint=args.checkpoint, formats=args.formats)
     print(f"exported {args.run_dir} -> {out}")
 
 
@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--checkpoint", default="latest", help="'latest', 'best' (kept by eval.every) or a checkpoint directory")
+    p.add_argument("--formats", nargs="+", choices=["pipeline", "lora", "kohya"], default=None,
+                   help="what to write (default: all the student has): pipeline (LoRA fused in), lora (diffusers "
+                        "LoRA for pipe.load_lora_weights, in lora/), kohya (kohya/ComfyUI LoRA, in kohya/)")
     p.set_defaults(func=_export)
 
     for name, help in (("sample", "draw a sample grid"), ("eval", "score samples: FD, KID, precision/recall, class accuracy, speed")):

@@ -234,14 +234,17 @@ def run_target(run_dir: str | Path, checkpoint: str = "latest", steps: int | Non
     """A training run's student (EMA weights of ``checkpoint``: 'latest', 'best' or a
     directory) under its own few-step sampler; also returns the run's resolved config."""
     from distill.export import load_run
-    from distill.students import FewStepSampler
+    from distill.students import FewStepSampler, load_student
     from distill.teachers import load_teacher
     from distill.trainer import generate as generate_student
 
     config, ckpt = load_run(run_dir, checkpoint)
-    teacher = load_teacher(config["teacher"]["path"], config["teacher"].get("revision"))
+    # the run's teacher dtype on a GPU; float32 on the CPU, where half precision is slow or missing
+    dtype = getattr(torch, config["teacher"].get("dtype", "float32")) if torch.device(device).type == "cuda" else torch.float32
+    teacher = load_teacher(config["teacher"]["path"], config["teacher"].get("revision"), dtype=dtype,
+                           image_size=config.get("data", {}).get("resolution"))
     teacher.to(device)
-    student = type(teacher.denoiser).from_pretrained(ckpt / "student", use_safetensors=True).eval().to(device)
+    student = load_student(teacher.denoiser, ckpt / "student").to(device)
     timesteps = config["student"]["timesteps"][: steps or None]
     sampler = FewStepSampler(timesteps, teacher.schedule)
 

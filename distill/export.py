@@ -10,6 +10,13 @@ reproduces the student's sampler exactly:
   that its consistency boundary scalings are c_skip = 0 and c_out = 1 in float32.
 - ``DDIMScheduler`` with ``timestep_spacing="leading"`` and ``steps_offset=t`` gives a single
   step at any timestep ``t`` that returns x0 itself (the final alpha is one).
+
+A LoRA student is exported three ways (``FORMATS``): the pipeline with the LoRA fused into
+its denoiser; ``lora/pytorch_lora_weights.safetensors``, diffusers' LoRA format for
+``pipe.load_lora_weights`` on the teacher's own pipeline (peft keys, with the ``LoraConfig``
+in the file's ``lora_adapter_metadata`` so an alpha other than the rank loads at its scale);
+and ``kohya/distill_lora.safetensors``, the same weights under kohya / ComfyUI key names
+(``lora_unet_<module>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``).
 """
 
 from __future__ import annotations
@@ -17,11 +24,17 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
+from typing import Sequence
 
+import torch
 import yaml
 from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler, SchedulerMixin
 
+from distill.students import ADAPTER_WEIGHTS, fuse, is_lora_checkpoint, load_student, lora_state_dict
+
 _LCM_TIMESTEP_SCALING = 1.0e6  # c_skip = 0.25 / (t * 1e6)^2 + ...: below float32 resolution for t >= 1
+FORMATS = ("pipeline", "lora", "kohya")
+LORA_DIR, KOHYA_DIR, KOHYA_FILE = "lora", "kohya", "distill_lora.safetensors"
 
 
 def _accepted(cls: type, config: dict) -> dict:
@@ -68,23 +81,51 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest"):
     return config, find_checkpoint(run_dir, checkpoint)
 
 
-def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest") -> Path:
-    """Write the run's student (EMA weights) as a diffusers pipeline directory with a
-    few-step scheduler and a model card; returns ``out_dir``."""
-    from distill.teachers import teacher_from_pipeline
+def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
+           formats: Sequence[str] | None = None) -> Path:
+    """Write the run's student (EMA weights) to ``out_dir`` with a model card; returns ``out_dir``.
 
+    ``formats`` (default: every one the student has): ``"pipeline"``, the teacher's pipeline
+    with the student's denoiser (a LoRA fused in) and a few-step scheduler, in ``out_dir``;
+    for a LoRA student also ``"lora"`` (``lora/``, for ``pipe.load_lora_weights`` on the
+    teacher's pipeline) and ``"kohya"`` (``kohya/distill_lora.safetensors``). The LoRA
+    formats need a LoRA student and a pipeline class with a diffusers LoRA loader; the
+    default leaves them out where the pipeline has none. ``scheduler/`` is always written."""
     config, ckpt = load_run(run_dir, checkpoint)
+    student_dir = ckpt / "student"
     teacher_path = config["teacher"]["path"]
     timesteps = config["student"]["timesteps"]
     pipe = DiffusionPipeline.from_pretrained(teacher_path, revision=config["teacher"].get("revision"), use_safetensors=True)
-    teacher = teacher_from_pipeline(pipe)
-    student_cls = type(teacher.denoiser)
-    student = student_cls.from_pretrained(ckpt / "student", use_safetensors=True)
-    scheduler = few_step_scheduler(teacher.scheduler_config, timesteps)
-    component = next(name for name, module in pipe.components.items() if isinstance(module, student_cls))
-    pipe.register_modules(**{component: student, "scheduler": scheduler})
+    lora = is_lora_checkpoint(student_dir)
+    formats = _formats(formats, lora, type(pipe))
+    resolution = config.get("data", {}).get("resolution")  # trained at another size than the checkpoint's default
+    teacher = _teacher_or_none(pipe, resolution)
+    scheduler_config = teacher.scheduler_config if teacher else {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
+    scheduler = few_step_scheduler(scheduler_config, timesteps)
+    component = _denoiser_component(pipe, teacher, student_dir)
+    teacher_denoiser = pipe.components[component]
+    denoiser_class = type(teacher_denoiser).__name__
     out_dir = Path(out_dir)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    student = load_student(teacher_denoiser, student_dir)
+    lora_info = None
+    if lora:
+        state, lora_config = lora_state_dict(student)
+        lora_info = {"rank": lora_config.r, "alpha": lora_config.lora_alpha}
+        if "lora" in formats:
+            save_diffusers_lora(type(pipe), component, state, lora_config, out_dir / LORA_DIR)
+        if "kohya" in formats:
+            save_kohya_lora(component, state, lora_config, out_dir / KOHYA_DIR / KOHYA_FILE)
+        student = fuse(student)  # pipe's own denoiser, now with the LoRA merged
+    if "pipeline" in formats:
+        if resolution is not None and teacher is not None and hasattr(student.config, "sample_size"):
+            # the pipelines' default height / width is sample_size x the VAE factor: make it the trained size
+            student.register_to_config(sample_size=teacher.sample_shape[-1])
+        pipe.register_modules(**{component: student, "scheduler": scheduler})
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        scheduler.save_pretrained(out_dir / "scheduler")
 
     metrics_path = Path(run_dir) / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
@@ -95,29 +136,138 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest")
             timesteps=timesteps,
             scheduler=type(scheduler).__name__,
             component=component,
-            denoiser_class=student_cls.__name__,
-            num_classes=teacher.num_classes,
+            denoiser_class=denoiser_class,
+            num_classes=teacher.num_classes if teacher else None,
             metrics=metrics,
             checkpoint=ckpt.name,
+            text="prompt" in inspect.signature(type(pipe).__call__).parameters,
+            formats=formats,
+            lora=lora_info,
+            image_size=resolution,
         )
     )
     (out_dir / "distill_recipe.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return out_dir
 
 
-def model_card(*, teacher, recipe, timesteps, scheduler, component, denoiser_class, num_classes, metrics, checkpoint) -> str:
+def _formats(requested: Sequence[str] | None, lora: bool, pipeline_class: type) -> tuple[str, ...]:
+    has_loader = hasattr(pipeline_class, "save_lora_weights")
+    if requested is None:
+        return FORMATS if lora and has_loader else ("pipeline",)
+    requested = tuple(requested)
+    unknown = [f for f in requested if f not in FORMATS]
+    if unknown or not requested:
+        raise ValueError(f"unknown export format(s) {unknown or requested}; choose from {list(FORMATS)}")
+    wants_lora = [f for f in requested if f != "pipeline"]
+    if wants_lora and not lora:
+        raise ValueError(f"export formats {wants_lora} need a LoRA student, but this run trained every weight "
+                         "(student.lora.rank = 0): export the pipeline")
+    if wants_lora and not has_loader:
+        raise ValueError(f"{pipeline_class.__name__} has no diffusers LoRA loader, so formats {wants_lora} do not "
+                         "apply: export the pipeline (the LoRA fused in)")
+    return requested
+
+
+def _teacher_or_none(pipe, image_size: int | None = None):
+    """The teacher adapter over ``pipe``, or None for a pipeline no adapter reads yet (its
+    scheduler then comes from ``pipe.scheduler`` and it has no class labels)."""
+    from distill.teachers import teacher_from_pipeline
+
+    try:
+        return teacher_from_pipeline(pipe, image_size=image_size)
+    except ValueError:
+        return None
+
+
+def _denoiser_component(pipe, teacher, student_dir: Path) -> str:
+    """The pipeline component the student replaces: the teacher adapter's denoiser; without
+    an adapter, the component of the saved student's class (full) or the one that has every
+    module the LoRA adapts."""
+    modules = {name: m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    if teacher is not None:
+        found = [n for n, m in modules.items() if m is teacher.denoiser] or [
+            n for n, m in modules.items() if type(m) is type(teacher.denoiser)]
+    elif is_lora_checkpoint(student_dir):
+        from safetensors import safe_open
+
+        with safe_open(student_dir / ADAPTER_WEIGHTS, "pt") as f:
+            targets = {key.split(".lora_")[0] for key in f.keys()}
+        found = [n for n, m in modules.items() if targets <= {name for name, _ in m.named_modules()}]
+    else:
+        class_name = json.loads((student_dir / "config.json").read_text())["_class_name"]
+        found = [n for n, m in modules.items() if type(m).__name__ == class_name]
+    if len(found) != 1:
+        raise ValueError(f"cannot tell which component of {type(pipe).__name__} the student replaces (candidates {found})")
+    return found[0]
+
+
+def save_diffusers_lora(pipeline_class: type, component: str, state: dict, lora_config, directory: Path) -> Path:
+    """``pytorch_lora_weights.safetensors`` for ``pipeline_class.load_lora_weights``: the peft
+    state dict under ``<component>.`` and the ``LoraConfig`` as the file's
+    ``lora_adapter_metadata``. Without that metadata diffusers would assume alpha = rank.
+    The keys stay peft's (``lora_A`` / ``lora_B``), as diffusers' own ``save_lora_adapter``
+    writes them: ``convert_state_dict_to_diffusers`` renames only attention projections, and
+    the loader converts a file only when its first key is not peft's, so a LoRA on
+    attention and convolutions would come back half loaded."""
+    parameters = inspect.signature(pipeline_class.save_lora_weights).parameters
+    if f"{component}_lora_layers" not in parameters:
+        raise ValueError(f"{pipeline_class.__name__}.save_lora_weights takes no {component}_lora_layers")
+    pipeline_class.save_lora_weights(
+        directory,
+        **{f"{component}_lora_layers": state, f"{component}_lora_adapter_metadata": lora_config.to_dict()},
+        safe_serialization=True,
+    )
+    return directory
+
+
+def kohya_state_dict(component: str, state: dict, lora_config) -> dict:
+    """The peft LoRA ``state`` of a UNet with kohya / ComfyUI key names:
+    ``lora_unet_<module path with _>.lora_down.weight`` (A), ``.lora_up.weight`` (B) and
+    ``.alpha``. diffusers' converter writes alpha = rank; the real alpha goes in instead, so
+    loaders scale by alpha / rank as training did."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    if component != "unet":
+        raise ValueError(f"kohya LoRA keys name UNet modules (lora_unet_...); this denoiser is {component!r}")
+    if lora_config.rank_pattern or lora_config.alpha_pattern or lora_config.use_rslora:
+        raise ValueError("kohya export takes one rank and alpha for every module (no rank/alpha patterns, no rsLoRA)")
+    kohya = convert_state_dict_to_kohya({f"{component}.{k}": v for k, v in state.items()})
+    return {k: torch.tensor(float(lora_config.lora_alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
+
+
+def save_kohya_lora(component: str, state: dict, lora_config, path: Path) -> Path:
+    """One safetensors file of ``kohya_state_dict`` (with kohya's rank / alpha metadata)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(kohya_state_dict(component, state, lora_config), path,
+              metadata={"format": "pt", "ss_network_dim": str(lora_config.r), "ss_network_alpha": str(lora_config.lora_alpha)})
+    return path
+
+
+def model_card(*, teacher, recipe, timesteps, scheduler, component, denoiser_class, num_classes, metrics, checkpoint,
+               text=False, formats=("pipeline",), lora=None, image_size=None) -> str:
     n = len(timesteps)
     method = recipe["method"]
-    labels = "class_labels=labels" if num_classes else ""
-    label_line = f"labels = torch.arange(16) % {num_classes}  # classes 0..{num_classes - 1}\n" if num_classes else ""
     score_rows = ""
     if metrics:
         score_rows = "\n## Measured scores\n\n| metric | value |\n|---|---|\n" + "".join(
             f"| {k} | {v:.4g} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in metrics.items()
         )
+    if lora:
+        model_row = (f"| model | LoRA of `{denoiser_class}` (rank {lora['rank']}, alpha {lora['alpha']})"
+                     + (f", fused into `{component}/` (safetensors)" if "pipeline" in formats else "") + " |")
+    else:
+        model_row = f"| model | `{denoiser_class}` in `{component}/` (safetensors) |"
+    files = ""
+    if "lora" in formats:
+        files += f"| LoRA (diffusers) | `{LORA_DIR}/pytorch_lora_weights.safetensors`, for `pipe.load_lora_weights` on the teacher |\n"
+    if "kohya" in formats:
+        files += f"| LoRA (kohya / ComfyUI) | `{KOHYA_DIR}/{KOHYA_FILE}` |\n"
+    sampling = _text_sampling(teacher, n, scheduler, formats) if text else _class_sampling(n, component, num_classes, formats)
     return f"""---
 library_name: diffusers
-tags: [distill, {method['name']}, few-step]
+tags: [distill, {method['name']}, few-step{', lora' if lora else ''}]
 ---
 # {n}-step student distilled from `{teacher}`
 
@@ -130,10 +280,60 @@ Distilled with distill by {method['name'].upper()} (recipe below, checkpoint `{c
 | steps | {n} |
 | timesteps | {timesteps} |
 | scheduler | `{scheduler}` (in `scheduler/`; `set_timesteps({n})` gives exactly these timesteps) |
-| guidance at sampling | none (the student is sampled without classifier-free guidance) |
-| model | `{denoiser_class}` in `{component}/` (safetensors) |
-{score_rows}
-## Sampling with stock diffusers
+| guidance at sampling | none: the student is sampled without classifier-free guidance{' (`guidance_scale=0.0`)' if text else ''} |
+{f"| image size | {image_size} x {image_size} (trained at this size: pass `height={image_size}, width={image_size}` with the LoRA) |" + chr(10) if image_size else ""}{model_row}
+{files}{score_rows}
+{sampling}
+## Recipe
+
+```yaml
+{yaml.safe_dump(recipe, sort_keys=False)}```
+"""
+
+
+def _text_sampling(teacher, n, scheduler, formats) -> str:
+    section = ""
+    if "pipeline" in formats:
+        section += f"""## Sampling with stock diffusers
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("PATH_TO_THIS_DIRECTORY")
+image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale=0.0,
+             generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+`guidance_scale=0.0` turns classifier-free guidance off: the student was distilled to sample
+without it. A multi-step student re-noises each intermediate x0 with fresh noise from the
+generator.
+"""
+    if "lora" in formats:
+        section += f"""
+## The LoRA on the teacher's pipeline
+
+```python
+from diffusers import DiffusionPipeline, {scheduler}
+
+pipe = DiffusionPipeline.from_pretrained("{teacher}")
+pipe.load_lora_weights("PATH_TO_THIS_DIRECTORY/{LORA_DIR}")
+pipe.scheduler = {scheduler}.from_pretrained("PATH_TO_THIS_DIRECTORY", subfolder="scheduler")
+image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale=0.0).images[0]
+```
+"""
+    if "kohya" in formats:
+        section += f"""
+`{KOHYA_DIR}/{KOHYA_FILE}` holds the same LoRA with kohya key names (ComfyUI, AUTOMATIC1111):
+sample it with {n} step{'s' * (n > 1)} at the timesteps above, CFG 1 (no guidance).
+"""
+    return section
+
+
+def _class_sampling(n, component, num_classes, formats) -> str:
+    labels = "class_labels=labels" if num_classes else ""
+    label_line = f"labels = torch.arange(16) % {num_classes}  # classes 0..{num_classes - 1}\n" if num_classes else ""
+    return f"""## Sampling with stock diffusers
 
 ```python
 import torch
@@ -153,9 +353,4 @@ images = (x / 2 + 0.5).clamp(0, 1)
 Use the same generator for the initial noise and for `scheduler.step`: a multi-step student
 re-noises each intermediate x0 with fresh noise drawn from it.
 {'' if num_classes else f"An unconditional student also runs as `pipe(num_inference_steps={n}, generator=generator)`."}
-
-## Recipe
-
-```yaml
-{yaml.safe_dump(recipe, sort_keys=False)}```
 """

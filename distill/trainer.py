@@ -21,7 +21,6 @@ Run directory::
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -41,7 +40,8 @@ from distill.data import EpochSampler, cached_dataset, collate, image_reference_
 from distill.discriminators import Discriminator, Heads
 from distill.evaluate import Scorer, draw
 from distill.methods import ADD, DMD2, Critic
-from distill.students import FewStepSampler, make_student
+from distill.students import (FewStepSampler, enable_gradient_checkpointing, eval_copy, lora_config, make_roles,
+                               save_student, set_trainable, trainable_parameters)
 from distill.teachers import COND_PREFIX, load_teacher
 
 CHECKPOINT_PREFIX = "step-"
@@ -128,10 +128,10 @@ class DistillTrainer:
         self.teacher = self._setup_teacher()
         self.sampler = FewStepSampler(cfg.student.timesteps, self.teacher.schedule)
         self.method = self._setup_method()
-        student = make_student(self.teacher.denoiser)
-        critic = self._setup_critic()
-        optimizer_s, schedule_s = self._setup_optimizer(student.parameters(), cfg.optim.student)
-        optimizer_c, schedule_c = self._setup_optimizer(critic.parameters(), cfg.optim.critic)
+        student, fake_score = self._setup_roles()
+        critic = self._setup_critic(fake_score)
+        optimizer_s, schedule_s = self._setup_optimizer(trainable_parameters(student), cfg.optim.student)
+        optimizer_c, schedule_c = self._setup_optimizer(trainable_parameters(critic), cfg.optim.critic)
         (self.student, self.critic, self.optimizer_s, self.optimizer_c, self.lr_s, self.lr_c) = self.accelerator.prepare(
             student, critic, optimizer_s, optimizer_c, schedule_s, schedule_c
         )
@@ -161,7 +161,20 @@ class DistillTrainer:
                     backward_simulation=self.config.student.backward_simulation,
                     discriminator_backbone=m.discriminator.backbone)
 
-    def _setup_critic(self) -> Critic | Discriminator:
+    def _setup_roles(self):
+        """(student, fake score or None): full copies, or LoRA roles on the teacher's own denoiser."""
+        cfg = self.config
+        student_lora, fake_score_lora = (lora_config(rank=c.rank, alpha=c.alpha, target_modules=c.target_modules)
+                                         for c in (cfg.student.lora, cfg.method.fake_score_lora))
+        _, student, fake_score = make_roles(self.teacher.denoiser, student_lora=student_lora, fake_score_lora=fake_score_lora,
+                                            with_fake_score=cfg.method.name == "dmd2")
+        if cfg.train.gradient_checkpointing:
+            for network in (student, fake_score):
+                if network is not None:
+                    enable_gradient_checkpointing(network)
+        return student, fake_score
+
+    def _setup_critic(self, fake_score) -> Critic | Discriminator:
         method, d = self.config.method, self.config.method.discriminator
         discriminator = None
         if d.backbone != "fake_score":
@@ -173,7 +186,7 @@ class DistillTrainer:
         if self.method.uses_gan and discriminator is None:
             head = Heads("maps", [self.teacher.bottleneck_channels()], width=d.head_width, num_classes=self.teacher.num_classes,
                          cond_dim=self.teacher.head_condition_dim)
-        return Critic(make_student(self.teacher.denoiser), self.teacher, head, discriminator if self.method.uses_gan else None)
+        return Critic(fake_score, self.teacher, head, discriminator if self.method.uses_gan else None)
 
     def _setup_optimizer(self, parameters, optim: config_lib.OptimizerConfig):
         optimizer = torch.optim.AdamW(parameters, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
@@ -185,7 +198,7 @@ class DistillTrainer:
         if self.config.train.ema_decay == 0:
             return None
         student = self.accelerator.unwrap_model(self.student)
-        ema = EMAModel(student.parameters(), decay=self.config.train.ema_decay)
+        ema = EMAModel(trainable_parameters(student), decay=self.config.train.ema_decay)
         ema.to(self.device)
         self.accelerator.register_for_checkpointing(ema)
         return ema
@@ -238,7 +251,7 @@ class DistillTrainer:
             for key, value in micro_logs.items():
                 logs[key] = logs.get(key, 0.0) + value.float() / accumulation
         if self.config.train.max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(model.parameters(), self.config.train.max_grad_norm)
+            norm = self.accelerator.clip_grad_norm_(trainable_parameters(model), self.config.train.max_grad_norm)
             logs["grad_norm"] = torch.as_tensor(norm).detach().float()
         optimizer.step()
         lr_schedule.step()
@@ -250,7 +263,7 @@ class DistillTrainer:
         base = step * self.micro_batches_per_step
         accumulation = self.config.train.gradient_accumulation_steps
         logs = {}
-        critic.requires_grad_(True)
+        set_trainable(critic, True)
         for update in range(self.config.method.fake_score_updates):
             logs = self._update(
                 self.critic,
@@ -260,7 +273,7 @@ class DistillTrainer:
                 base + update * accumulation,
             )
         logs = {f"critic/{k}": v for k, v in logs.items()}
-        critic.requires_grad_(False)
+        set_trainable(critic, False)
         generator_logs = self._update(
             self.student,
             self.optimizer_s,
@@ -270,7 +283,7 @@ class DistillTrainer:
         )
         logs.update({f"generator/{k}": v for k, v in generator_logs.items()})
         if self.ema is not None:
-            self.ema.step(student.parameters())
+            self.ema.step(trainable_parameters(student))
         return logs
 
     def train(self) -> dict | None:
@@ -331,9 +344,9 @@ class DistillTrainer:
     # ---------------------------------------------------------------------- checkpoints
     def eval_student(self) -> torch.nn.Module:
         """A copy of the student holding the EMA weights (or the raw weights without EMA)."""
-        student = copy.deepcopy(self.accelerator.unwrap_model(self.student)).eval().requires_grad_(False)
+        student = eval_copy(self.accelerator.unwrap_model(self.student))
         if self.ema is not None:
-            self.ema.copy_to(student.parameters())
+            self.ema.copy_to(trainable_parameters(student))
         return student
 
     def save_checkpoint(self) -> Path:
@@ -348,7 +361,7 @@ class DistillTrainer:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial))
         if accelerator.is_main_process:
-            self.eval_student().save_pretrained(partial / "student", safe_serialization=True)
+            save_student(self.eval_student(), partial / "student")
             (partial / "distill.json").write_text(
                 json.dumps({"step": self.state.step, "timesteps": self.sampler.timesteps, "teacher": self.config.teacher.path})
             )
@@ -418,7 +431,7 @@ class DistillTrainer:
             return
         partial = best.with_name(f".partial-{BEST}")
         shutil.rmtree(partial, ignore_errors=True)
-        student.save_pretrained(partial / "student", safe_serialization=True)
+        save_student(student, partial / "student")
         (partial / "scores.json").write_text(json.dumps({"step": step, **metrics}, indent=2) + "\n")
         shutil.rmtree(best, ignore_errors=True)
         partial.rename(best)
