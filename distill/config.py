@@ -491,10 +491,14 @@ def validate(config: Config, source: str) -> None:
         _fail(source, "teacher.path", f"{local.resolve()} {where} (give a diffusers pipeline directory or a hub id)")
     scheduler = teacher_scheduler_config(config.teacher.path, config.teacher.revision)
     if scheduler is not None:
+        from distill.schedules import FlowSchedule, schedule_from_config
+
         num_train = scheduler.get("num_train_timesteps", 1000)
+        # a flow-matching teacher's t = T is pure noise (sigma = 1): a flow student starts there
+        last = num_train if isinstance(schedule_from_config(scheduler), FlowSchedule) else num_train - 1
         for key, value in (("student.timesteps", max(ts)), ("method.t_max", config.method.t_max)):
-            if value >= num_train:
-                _fail(source, key, f"{value} is beyond the teacher's {num_train} training timesteps")
+            if value > last:
+                _fail(source, key, f"{value} is beyond the teacher's {num_train} training timesteps (at most {last})")
         from distill.export import few_step_scheduler
 
         try:

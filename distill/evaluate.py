@@ -140,9 +140,10 @@ def sample_teacher(teacher, scheduler_class, num_steps: int, noise: Tensor, cond
     baseline a distilled student has to beat. Returns x0 [B, C, H, W]."""
     scheduler = scheduler_class.from_config(teacher.scheduler_config)
     scheduler.set_timesteps(num_steps)
-    x = noise * scheduler.init_noise_sigma
+    # flow-matching schedulers have neither: their x_t at sigma = 1 is the noise itself
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
     for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         out = teacher.guided_output(teacher.denoiser, x_in, t.expand(x.shape[0]).to(x.device), cond, guidance_scale)
         x = scheduler.step(out, t, x, generator=generator).prev_sample
     return x

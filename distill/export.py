@@ -26,10 +26,12 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import yaml
-from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler, SchedulerMixin
+from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LCMScheduler, SchedulerMixin
 
+from distill.schedules import FlowSchedule, schedule_from_config
 from distill.students import ADAPTER_WEIGHTS, fuse, is_lora_checkpoint, load_student, lora_state_dict
 
 _LCM_TIMESTEP_SCALING = 1.0e6  # c_skip = 0.25 / (t * 1e6)^2 + ...: below float32 resolution for t >= 1
@@ -43,10 +45,86 @@ def _accepted(cls: type, config: dict) -> dict:
     return {k: v for k, v in config.items() if k in names}
 
 
+_FLOW_TIMESTEP_TOLERANCE = 1e-3  # float32 timesteps near 1000 are exact to about 6e-5: these are the integers
+
+
+def _flow_scheduler(config: dict, shift: float, shift_terminal: float | None) -> FlowMatchEulerDiscreteScheduler:
+    """FlowMatchEulerDiscreteScheduler on the teacher's config with a fixed (not resolution-dependent)
+    ``shift``, an optional ``shift_terminal`` and stochastic sampling: ``step`` takes
+    x0 = x_t - sigma * v and re-noises it to the next sigma with one fresh draw of noise
+    (``randn_tensor`` from the caller's generator; drawn at the last step too, times sigma = 0)."""
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        _accepted(FlowMatchEulerDiscreteScheduler, config), shift=shift, shift_terminal=shift_terminal,
+        use_dynamic_shifting=False, invert_sigmas=False, use_karras_sigmas=False, use_exponential_sigmas=False,
+        use_beta_sigmas=False, stochastic_sampling=True)
+
+
+def _flow_timesteps(scheduler: FlowMatchEulerDiscreteScheduler, n: int) -> list[float]:
+    scheduler.set_timesteps(n)
+    return scheduler.timesteps.tolist()
+
+
+def _flow_few_step_scheduler(config: dict, timesteps: list[int]) -> FlowMatchEulerDiscreteScheduler | None:
+    """The flow scheduler whose ``set_timesteps(N)`` gives ``timesteps`` (to float32 rounding), or None.
+
+    ``set_timesteps(N)`` always starts at sigma = 1 (t = T, pure noise, as the student's first step
+    assumes) and, with shift s and shift_terminal, ends at sigma = shift_terminal; s bends the
+    spacing in between (s = 1: evenly spaced). The last timestep fixes shift_terminal; with three
+    or more steps the second fixes s (found by bisection on log s), the rest must then agree."""
+    n, num_train = len(timesteps), config.get("num_train_timesteps", 1000)
+    if timesteps[0] != num_train:
+        return None
+
+    def matches(scheduler) -> bool:
+        return all(abs(a - b) <= _FLOW_TIMESTEP_TOLERANCE for a, b in zip(_flow_timesteps(scheduler, n), timesteps))
+
+    terminal = timesteps[-1] / num_train if n > 1 else None
+    if n <= 2:
+        scheduler = _flow_scheduler(config, 1.0, terminal)
+        return scheduler if matches(scheduler) else None
+
+    def second(log_shift: float) -> float:  # the second timestep minus the student's
+        return _flow_timesteps(_flow_scheduler(config, float(np.exp(log_shift)), terminal), n)[1] - timesteps[1]
+
+    grid = np.linspace(-8.0, 8.0, 65)  # shifts from 3e-4 to 3e3
+    values = [second(g) for g in grid]
+    for (lo, f_lo), (hi, f_hi) in zip(zip(grid, values), zip(grid[1:], values[1:])):
+        if f_lo == 0 or f_lo * f_hi < 0:
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                f_mid = second(mid)
+                lo, hi, f_lo = (mid, hi, f_mid) if f_lo * f_mid > 0 else (lo, mid, f_lo)
+            scheduler = _flow_scheduler(config, float(np.exp((lo + hi) / 2)), terminal)
+            return scheduler if matches(scheduler) else None
+    return None
+
+
 def few_step_scheduler(teacher_scheduler_config: dict, timesteps: list[int]) -> SchedulerMixin:
     """A stock diffusers scheduler whose ``set_timesteps(len(timesteps))`` gives ``timesteps``
-    and whose ``step`` is the student's update (x0, then fresh-noise re-noising)."""
+    and whose ``step`` is the student's update (x0, then fresh-noise re-noising).
+
+    Flow-matching teachers (``FlowSchedule``) get a ``FlowMatchEulerDiscreteScheduler`` with
+    ``stochastic_sampling``; its timesteps are floats equal to the student's integers up to
+    float32 rounding. They start at T (pure noise) and end anywhere: evenly spaced down to the
+    last one (e.g. 1000, 750, 500, 250), or spaced as a shift bends them."""
     n = len(timesteps)
+    try:
+        flow = isinstance(schedule_from_config(teacher_scheduler_config), FlowSchedule)
+    except ValueError:  # no or an unknown _class_name: left to the DDPM-family schedulers below, as before
+        flow = False
+    if flow:
+        scheduler = _flow_few_step_scheduler(teacher_scheduler_config, list(timesteps))
+        if scheduler is not None:
+            return scheduler
+        num_train = teacher_scheduler_config.get("num_train_timesteps", 1000)
+        step = (num_train - timesteps[-1]) // (n - 1) if n > 1 else 0  # whole steps: shift 1 gives them exactly
+        even = [num_train - i * step for i in range(n)]
+        hint = (f"with {n} steps use e.g. {even} (evenly spaced in whole steps down to about the last), "
+                "or a spacing one shift gives" if n > 1 else f"a single step is at {num_train}")
+        raise ValueError(
+            f"no stock FlowMatchEulerDiscreteScheduler reproduces the timesteps {list(timesteps)} from set_timesteps({n}): "
+            f"a flow student's first timestep is {num_train} (pure noise); {hint}"
+        )
     common = dict(clip_sample=False, thresholding=False)
     lcm = LCMScheduler.from_config(
         _accepted(LCMScheduler, teacher_scheduler_config),
@@ -95,14 +173,18 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
     student_dir = ckpt / "student"
     teacher_path = config["teacher"]["path"]
     timesteps = config["student"]["timesteps"]
-    pipe = DiffusionPipeline.from_pretrained(teacher_path, revision=config["teacher"].get("revision"), use_safetensors=True)
+    revision = config["teacher"].get("revision")
+    # components saved as [null, null] (e.g. SD3 without T5) load only when passed as None again
+    absent = {k: None for k, v in DiffusionPipeline.load_config(teacher_path, revision=revision).items()
+              if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None}
+    pipe = DiffusionPipeline.from_pretrained(teacher_path, revision=revision, use_safetensors=True, **absent)
     lora = is_lora_checkpoint(student_dir)
-    formats = _formats(formats, lora, type(pipe))
     resolution = config.get("data", {}).get("resolution")  # trained at another size than the checkpoint's default
     teacher = _teacher_or_none(pipe, resolution)
     scheduler_config = teacher.scheduler_config if teacher else {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
     scheduler = few_step_scheduler(scheduler_config, timesteps)
     component = _denoiser_component(pipe, teacher, student_dir)
+    formats = _formats(formats, lora, type(pipe), component)
     teacher_denoiser = pipe.components[component]
     denoiser_class = type(teacher_denoiser).__name__
     out_dir = Path(out_dir)
@@ -150,10 +232,12 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
     return out_dir
 
 
-def _formats(requested: Sequence[str] | None, lora: bool, pipeline_class: type) -> tuple[str, ...]:
+def _formats(requested: Sequence[str] | None, lora: bool, pipeline_class: type, component: str) -> tuple[str, ...]:
     has_loader = hasattr(pipeline_class, "save_lora_weights")
     if requested is None:
-        return FORMATS if lora and has_loader else ("pipeline",)
+        if not (lora and has_loader):
+            return ("pipeline",)
+        return FORMATS if component == "unet" else ("pipeline", "lora")  # kohya keys name UNet modules only
     requested = tuple(requested)
     unknown = [f for f in requested if f not in FORMATS]
     if unknown or not requested:

@@ -10,8 +10,10 @@ from diffusers import DiffusionPipeline
 from distill.teachers.base import COND_PREFIX, Teacher, cached_condition, cat_conditions, real_x0
 from distill.teachers.pixel_unet import PixelUNetTeacher
 from distill.teachers.stable_diffusion import StableDiffusionTeacher, StableDiffusionXLTeacher
+from distill.teachers.sd3 import StableDiffusion3Teacher
+from distill.teachers.transformer import DiTTeacher, PixArtTeacher
 
-__all__ = ["COND_PREFIX", "Teacher", "PixelUNetTeacher", "StableDiffusionTeacher", "StableDiffusionXLTeacher", "cached_condition",
+__all__ = ["COND_PREFIX", "DiTTeacher", "PixArtTeacher", "Teacher", "PixelUNetTeacher", "StableDiffusion3Teacher", "StableDiffusionTeacher", "StableDiffusionXLTeacher", "cached_condition",
            "cat_conditions", "load_teacher", "real_x0", "teacher_from_pipeline"]
 
 
@@ -46,9 +48,20 @@ def _adapter_class(index: dict, source: str) -> type:
         return PixelUNetTeacher
     if unet is not None and unet[1] == "UNet2DConditionModel" and has("vae") and has("text_encoder"):
         return StableDiffusionXLTeacher if has("text_encoder_2") else StableDiffusionTeacher
+    transformer = index.get("transformer")
+    if (transformer is not None and transformer[1] == "SD3Transformer2DModel" and has("vae") and has("text_encoder")
+            and has("text_encoder_2")):
+        return StableDiffusion3Teacher  # text_encoder_3 (T5) may be absent, as the pipeline allows
+    if transformer is not None and transformer[0] is not None and has("vae"):
+        name = transformer[1]  # legacy checkpoints name Transformer2DModel for both (diffusers remaps it by norm type)
+        if name == "DiTTransformer2DModel" or (name == "Transformer2DModel" and not has("text_encoder")):
+            return DiTTeacher
+        if has("text_encoder") and index["text_encoder"][1] == "T5EncoderModel" and name in ("PixArtTransformer2DModel",
+                                                                                             "Transformer2DModel"):
+            return PixArtTeacher
     components = {k: v for k, v in index.items() if not k.startswith("_")}
     raise ValueError(
         f"no teacher adapter for the pipeline at {source!r} ({index.get('_class_name')}, components {components}); "
         "supported: pixel UNet2DModel pipelines; Stable Diffusion 1.x / 2.x (UNet2DConditionModel, AutoencoderKL vae, "
-        "CLIP text_encoder) and SDXL (the same with text_encoder_2)"
+        "CLIP text_encoder), SDXL (the same with text_encoder_2), DiT (DiTPipeline), PixArt-alpha / sigma and SD3 (StableDiffusion3Pipeline)"
     )

@@ -1,0 +1,240 @@
+"""Adapter for diffusers Stable Diffusion 3 / 3.5 checkpoints (``StableDiffusion3Pipeline``, Esser
+et al. 2024): an MMDiT (``SD3Transformer2DModel``) over VAE latents, trained by rectified flow.
+
+* Schedule: ``FlowMatchEulerDiscreteScheduler`` -> ``FlowSchedule``; x_t = (1 - sigma) x0 + sigma eps
+  with sigma = t / 1000, and the transformer predicts the velocity v = eps - x0 (prediction type
+  ``"flow"``). It is called with the float timestep t = sigma * 1000, as the pipeline calls it.
+* Latents: x0 = (latent - shift_factor) * scaling_factor (SD3's VAE config has both);
+  ``encode_images`` / ``decode`` are the SD adapter's, which read both.
+* Conditioning, exactly the pipeline's ``encode_prompt`` (no clip_skip, max_sequence_length 256):
+  ``{"encoder_hidden_states": [B, L_clip + L_t5, D_t5], "pooled_projections": [B, P1 + P2]}``: the
+  two CLIP encoders' penultimate hidden states concatenated along the features, zero-padded to
+  T5's width and concatenated along the sequence with T5's last hidden state; the two projected
+  pooled CLIP embeddings side by side. Without T5 (``text_encoder_3`` saved as null, as the
+  pipeline allows) its part is zeros [B, 256, joint_attention_dim], as the pipeline makes it.
+  The null conditioning is the encoded empty prompt (the pipeline's default negative prompt);
+  ``head_condition`` is the pooled projection.
+* Features for discriminators: a transformer block's image tokens [B, h * w, D] (h, w: latent
+  size over the patch size; D = ``inner_dim``) seen as maps [B, D, h, w] by ``ImageTokenMap``.
+  SD3's blocks return ``(encoder_hidden_states, hidden_states)``: the map is the second, the
+  image stream (the first is the text stream, None after the last block).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from torch import Tensor, nn
+
+from distill.schedules import FlowSchedule, schedule_from_config
+from distill.teachers.base import cached_condition, cat_conditions
+from distill.teachers.stable_diffusion import StableDiffusionTeacher, _transformers_class
+
+TEXT_COMPONENTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
+MAX_SEQUENCE_LENGTH = 256  # the pipeline's default T5 prompt length
+
+
+class _Handles:
+    """Removes several hooks at once (what ``register_forward_hook`` returns to its caller)."""
+
+    def __init__(self, handles: list):
+        self.handles = handles
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+class ImageTokenMap(nn.Module):
+    """An SD3 block's image tokens [B, h * w, D] seen as a feature map [B, D, h, w].
+
+    Not part of the network: ``register_forward_hook(hook)`` hooks the block and calls ``hook``
+    with the map (h, w read from the latents [B, C, h * p, w * p] the denoiser is called with, p
+    the patch size). Discriminator backbones and DMD2's bottleneck head hook it as they hook a
+    UNet block. The hook's return value is ignored: the block's output is never replaced."""
+
+    def __init__(self, denoiser: nn.Module, block: nn.Module, patch_size: int):
+        super().__init__()
+        self.__dict__["denoiser"] = denoiser  # not submodules: the view owns no parameters
+        self.__dict__["block"] = block
+        self.patch_size = patch_size
+
+    def forward(self, tokens: Tensor, height: int, width: int) -> Tensor:
+        """tokens [B, h * w, D] (row-major patches, as ``PatchEmbed`` flattens them) -> [B, D, h, w]."""
+        return tokens.transpose(1, 2).unflatten(2, (height // self.patch_size, width // self.patch_size))
+
+    def register_forward_hook(self, hook, **kwargs) -> _Handles:
+        size = {}
+
+        def record_size(module, args, kwargs):
+            latents = args[0] if args else kwargs["hidden_states"]
+            size["hw"] = latents.shape[-2:]
+
+        def call_with_map(module, args, output):
+            hook(self, args, self(output[1], *size["hw"]))  # (text stream, image stream)
+
+        return _Handles([self.denoiser.register_forward_pre_hook(record_size, with_kwargs=True),
+                         self.block.register_forward_hook(call_with_map, **kwargs)])
+
+
+class StableDiffusion3Teacher:
+    """SD3 / SD3.5: conditioning ``{"encoder_hidden_states": [B, L, D], "pooled_projections": [B, D']}``."""
+
+    pooled_key = "pooled_projections"  # the conditioning entry GAN heads read (head_condition)
+
+    # the VAE side, the null conditioning and guidance are Stable Diffusion's
+    _latent_affine = StableDiffusionTeacher._latent_affine
+    encode_images = StableDiffusionTeacher.encode_images
+    decode = StableDiffusionTeacher.decode
+    condition = StableDiffusionTeacher.condition
+    null_condition = StableDiffusionTeacher.null_condition
+    head_condition = StableDiffusionTeacher.head_condition
+    guided_output = StableDiffusionTeacher.guided_output  # (null, cond) in one batch, the pipeline's order
+    x0 = StableDiffusionTeacher.x0
+
+    def __init__(self, *, transformer: SD3Transformer2DModel, vae: AutoencoderKL, tokenizers: list, text_encoders: list,
+                 scheduler_config: dict, image_size: int | None = None, max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+        """``tokenizers`` / ``text_encoders``: CLIP-L, CLIP-G, T5, in the pipeline's order; the T5
+        pair may be None (dropped)."""
+        channels = transformer.config.in_channels
+        if channels != vae.config.latent_channels:
+            raise ValueError(f"the transformer takes {channels} input channels but the VAE's latents have "
+                             f"{vae.config.latent_channels}: only text-to-image checkpoints are supported")
+        if len(text_encoders) != 3 or text_encoders[0] is None or text_encoders[1] is None:
+            raise ValueError("SD3 takes two CLIP text encoders and an optional T5 (None when dropped)")
+        self.denoiser = transformer.requires_grad_(False).eval()
+        self.vae = vae.requires_grad_(False).eval()
+        self.tokenizers = list(tokenizers)
+        self.text_encoders = [None if e is None else e.requires_grad_(False).eval() for e in text_encoders]
+        self.max_sequence_length = max_sequence_length
+        self.scheduler_config = dict(scheduler_config)
+        self.schedule = schedule_from_config(self.scheduler_config)
+        if not isinstance(self.schedule, FlowSchedule):
+            raise ValueError(f"SD3 is a rectified-flow model; its scheduler {self.scheduler_config.get('_class_name')!r} "
+                             "is not a flow-matching one")
+        self.prediction_type = self.schedule.prediction_type
+        self.num_classes = None
+        self.patch_size = transformer.config.patch_size
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # as the pipeline computes it
+        if image_size is None:  # the checkpoint's default size, as the pipeline uses it
+            side = transformer.config.sample_size
+        elif image_size % (self.vae_scale_factor * self.patch_size):
+            raise ValueError(f"image size {image_size} is not a multiple of the VAE's downsampling factor times the "
+                             f"patch size ({self.vae_scale_factor} x {self.patch_size})")
+        else:  # SD3's positional embedding is cropped from a larger grid: other sizes work
+            side = image_size // self.vae_scale_factor
+        self.sample_shape = (channels, side, side)
+        self.image_size = (side * self.vae_scale_factor, side * self.vae_scale_factor)
+        with torch.no_grad():  # encoded once: every guided step needs it
+            self._null = self._encode([""])
+        self.head_condition_dim = self._null[self.pooled_key].shape[-1]
+
+    def _frozen(self) -> list[nn.Module]:
+        return [self.denoiser, self.vae, *(e for e in self.text_encoders if e is not None)]
+
+    def to(self, device) -> "StableDiffusion3Teacher":
+        for module in self._frozen():
+            module.to(device)
+        self._null = {k: v.to(device) for k, v in self._null.items()}
+        return self
+
+    # loading --------------------------------------------------------------------------------
+    @classmethod
+    def from_pipeline(cls, pipe, image_size: int | None = None) -> "StableDiffusion3Teacher":
+        """The adapter over an already loaded pipeline's components (an image encoder unused)."""
+        return cls(transformer=pipe.transformer, vae=pipe.vae, image_size=image_size,
+                   tokenizers=[getattr(pipe, tokenizer, None) for tokenizer, _ in TEXT_COMPONENTS],
+                   text_encoders=[getattr(pipe, encoder, None) for _, encoder in TEXT_COMPONENTS],
+                   scheduler_config={**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__})
+
+    @classmethod
+    def from_pretrained(cls, path: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
+                        image_size: int | None = None) -> "StableDiffusion3Teacher":
+        """Load the transformer, VAE, tokenizers and text encoders (T5 where the checkpoint has it)
+        of a pipeline directory or hub id in ``dtype`` (safetensors only). ``image_size``: the
+        side of the images to train and sample at (default: the checkpoint's)."""
+        index = DiffusionPipeline.load_config(path, revision=revision)
+        load = dict(revision=revision, use_safetensors=True)
+        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype, **load)
+        vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=revision)
+        vae_dtype = torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast") else dtype
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype, **load)
+
+        def present(name: str) -> bool:  # a dropped component is missing or saved as [null, null]
+            return bool(index.get(name)) and index[name][0] is not None
+
+        tokenizers = [_transformers_class(index, name).from_pretrained(path, subfolder=name, revision=revision)
+                      if present(name) else None for name, _ in TEXT_COMPONENTS]
+        text_encoders = [_transformers_class(index, name).from_pretrained(path, subfolder=name, dtype=dtype, **load)
+                         if present(name) else None for _, name in TEXT_COMPONENTS]
+        scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler", revision=revision)
+        return cls(transformer=transformer, vae=vae, tokenizers=tokenizers, text_encoders=text_encoders,
+                   scheduler_config=scheduler_config, image_size=image_size)
+
+    # conditioning ---------------------------------------------------------------------------
+    def _clip(self, index: int, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """``_get_clip_prompt_embeds``: (penultimate hidden state [B, L, D], projected pooled [B, P]).
+        Both CLIP tokenizers pad to the first one's length, as the pipeline does; no attention mask."""
+        tokenizer, encoder = self.tokenizers[index], self.text_encoders[index]
+        ids = tokenizer(prompts, padding="max_length", max_length=self.tokenizers[0].model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        out = encoder(ids.to(encoder.device), output_hidden_states=True)
+        return out.hidden_states[-2].to(self.text_encoders[0].dtype), out[0]
+
+    def _t5(self, prompts: list[str], device: torch.device) -> Tensor:
+        """``_get_t5_prompt_embeds``: T5's last hidden state [B, max_sequence_length, D_t5], or zeros
+        of the transformer's joint_attention_dim when T5 is dropped."""
+        tokenizer, encoder = self.tokenizers[2], self.text_encoders[2]
+        if encoder is None:
+            return torch.zeros(len(prompts), self.max_sequence_length, self.denoiser.config.joint_attention_dim,
+                               device=device, dtype=self.text_encoders[0].dtype)
+        ids = tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                        add_special_tokens=True, return_tensors="pt").input_ids
+        return encoder(ids.to(encoder.device))[0].to(device, encoder.dtype)
+
+    def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        """SD3's ``encode_prompt``: CLIP states padded to T5's width, then T5's along the sequence."""
+        states_1, pooled_1 = self._clip(0, prompts)
+        states_2, pooled_2 = self._clip(1, prompts)
+        device = states_1.device
+        clip_states = torch.cat([states_1, states_2.to(device)], dim=-1)
+        t5_states = self._t5(prompts, device)
+        clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+        return {"encoder_hidden_states": torch.cat([clip_states, t5_states], dim=-2),
+                "pooled_projections": torch.cat([pooled_1, pooled_2.to(device)], dim=-1)}
+
+    # the network ----------------------------------------------------------------------------
+    def output(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """Velocity v = eps - x0 [B, C, H, W], float32. ``t`` [B] (or one) is sigma * 1000, passed
+        as given (the pipeline passes float timesteps; the transformer embeds t.float()).
+        Inputs are cast to the denoiser's dtype (a float16 teacher, a float32 trainable copy)."""
+        dtype = next(denoiser.parameters()).dtype
+        t = t.reshape(-1)
+        t = t.expand(x_t.shape[0]) if t.numel() == 1 else t
+        return denoiser(hidden_states=x_t.to(dtype), timestep=t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                        pooled_projections=cond["pooled_projections"].to(dtype)).sample.float()
+
+    def _feature_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        """Up to four evenly spaced blocks, the last one included (LADD reads the teacher's
+        transformer blocks' tokens)."""
+        blocks = denoiser.transformer_blocks
+        count = min(4, len(blocks))
+        return [blocks[round((i + 1) * len(blocks) / count) - 1] for i in range(count)]
+
+    def bottleneck(self, denoiser: nn.Module) -> ImageTokenMap:
+        """The middle block's image tokens as a map [B, D, h, w]: a transformer has no bottleneck;
+        its middle is as far from the input and the output as it gets."""
+        blocks = denoiser.transformer_blocks
+        return ImageTokenMap(denoiser, blocks[(len(blocks) - 1) // 2], self.patch_size)
+
+    def bottleneck_channels(self) -> int:
+        return self.denoiser.inner_dim
+
+    def feature_modules(self, denoiser: nn.Module) -> list[ImageTokenMap]:
+        """Image tokens of up to four evenly spaced blocks as maps [B, D, h, w] (outputs of the
+        views' hooks; ``denoiser_features`` hooks them like any module)."""
+        return [ImageTokenMap(denoiser, block, self.patch_size) for block in self._feature_blocks(denoiser)]
+
+    def feature_channels(self) -> list[int]:
+        return [self.denoiser.inner_dim] * len(self._feature_blocks(self.denoiser))
