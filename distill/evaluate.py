@@ -34,9 +34,19 @@ Generate = Callable[[int, int], tuple[Tensor, "Tensor | list[str] | None"]]
 BASELINE_STEPS = (1, 2, 4, 8, 25, 50)
 
 
-def _solvers() -> dict[str, Callable]:
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+def _solvers(flow: bool = False) -> dict[str, Callable]:
+    """The baseline solvers by name, configured from a teacher's scheduler config. On a
+    flow-matching schedule "ddim" is its deterministic analogue, the flow Euler step, and
+    DPM-Solver++ runs on flow sigmas with the teacher's shift."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
+    if flow:
+        def dpmsolver(config):
+            return DPMSolverMultistepScheduler.from_config(
+                config, algorithm_type="dpmsolver++", use_flow_sigmas=True, prediction_type="flow_prediction",
+                flow_shift=config.get("shift", 1.0))
+
+        return {"ddim": FlowMatchEulerDiscreteScheduler.from_config, "dpmsolver++": dpmsolver}
     return {
         "ddim": partial(DDIMScheduler.from_config, timestep_spacing="trailing"),
         "dpmsolver++": partial(DPMSolverMultistepScheduler.from_config, algorithm_type="dpmsolver++"),
@@ -197,16 +207,18 @@ def pipeline_generate(teacher, scheduler_class, steps: int, *, guidance_scale: f
 def teacher_target(path: str, solver: str, steps: int, *, guidance_scale: float = 1.0, batch_size: int = 500,
                    device="cpu", revision: str | None = None, prompts: list[str] | None = None) -> Target:
     """The teacher (hub id or local pipeline directory) under DDIM or DPM-Solver++."""
+    from distill.schedules import FlowSchedule
     from distill.teachers import load_teacher
 
-    solvers = _solvers()
-    if solver not in solvers:
-        raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(solvers)}")
+    if solver not in SOLVER_NAMES:
+        raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(SOLVER_NAMES)}")
     teacher = load_teacher(path, revision)
+    solvers = _solvers(flow=isinstance(teacher.schedule, FlowSchedule))
     teacher.to(device)
     generate = pipeline_generate(teacher, _Scheduler(solvers[solver]), steps, guidance_scale=guidance_scale,
                                  batch_size=batch_size, device=device, prompts=prompts)
-    return Target(f"teacher, {SOLVER_NAMES[solver]}, {steps} step{'s' * (steps > 1)}", steps, generate)
+    label = "Euler" if solver == "ddim" and isinstance(teacher.schedule, FlowSchedule) else SOLVER_NAMES[solver]
+    return Target(f"teacher, {label}, {steps} step{'s' * (steps > 1)}", steps, generate)
 
 
 def export_target(path: str | Path, steps: int | None = None, *, batch_size: int = 500, device="cpu",

@@ -375,6 +375,11 @@ Distilled with distill by {method['name'].upper()} (recipe below, checkpoint `{c
 """
 
 
+_FLOW_RNG_NOTE = """ Some pipelines (SD3's among them) call `scheduler.step` without the
+generator, so that fresh noise comes from torch's global generator: seed it with
+`torch.manual_seed(...)` too for repeatable images."""
+
+
 def _text_sampling(teacher, n, scheduler, formats) -> str:
     section = ""
     if "pipeline" in formats:
@@ -391,7 +396,7 @@ image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale=0.0,
 
 `guidance_scale=0.0` turns classifier-free guidance off: the student was distilled to sample
 without it. A multi-step student re-noises each intermediate x0 with fresh noise from the
-generator.
+generator.{_FLOW_RNG_NOTE if scheduler == "FlowMatchEulerDiscreteScheduler" and n > 1 else ""}
 """
     if "lora" in formats:
         section += f"""

@@ -236,3 +236,15 @@ def test_load_teacher_picks_sd3_with_and_without_t5(sd3_paths):
 
     assert len(sd3_paths) == 2
     assert all(type(load_teacher(str(path))) is StableDiffusion3Teacher for path in sd3_paths.values())
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmsolver++"])
+def test_teacher_baselines_use_flow_solvers(sd3_paths, solver):
+    from distill.evaluate import teacher_target
+
+    target = teacher_target(str(sd3_paths["no_t5"]), solver, 2, guidance_scale=2.0, batch_size=2, prompts=["a cat", "a dog"])
+    assert target.name == f"teacher, {'Euler' if solver == 'ddim' else 'DPM-Solver++'}, 2 steps"
+    images, prompts = target.generate(2, 0)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all() and prompts == ["a cat", "a dog"]
+    again, _ = target.generate(2, 0)
+    assert torch.equal(images, again)
