@@ -120,8 +120,9 @@ def _eval(args) -> None:
                 dataset = make_dataset(dataset=d.dataset, path=d.path, split=d.split, prompt_column=d.prompt_column,
                                        image_column=d.image_column, resolution=images.shape[-1])
                 reference = eval_reference(dataset, config.eval)
-            elif config.data.dataset == "prompts" and config.eval.features:
-                raise ValueError("prompts have no reference images: score with --features [] and --clip, or give --reference")
+            elif config.data.dataset in ("prompts", "classes") and config.eval.features:
+                raise ValueError(f"{config.data.dataset} data have no reference images: score with --features [] (and --clip "
+                                 "for prompts), or give --reference")
             scorer = scorer_from_config(config.eval, config.data.dataset, device, reference=reference)
         row = {"name": target.name, "steps": target.steps, **scorer(images, labels)}
         if not args.no_speed:

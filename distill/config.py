@@ -135,10 +135,12 @@ PAPER_GAN_LOSS = {"dmd2": "non_saturating", "add": "hinge"}
 
 @dataclass
 class DataConfig:
-    dataset: Literal["digits", "prompts", "image_captions"] = _field(
+    dataset: Literal["digits", "classes", "prompts", "image_captions"] = _field(
         "digits",
-        "training data: digits (the built-in scikit-learn digits), prompts (text only: data-free distribution "
-        "matching) or image_captions (images with captions: real images for the GAN and ADD)",
+        "training data: digits (the built-in scikit-learn digits), classes (class labels only, each of the teacher's "
+        "classes 100 times per epoch: data-free distribution matching for class-conditional teachers such as DiT), "
+        "prompts (text only: data-free distribution matching) or image_captions (images with captions: real images for "
+        "the GAN and ADD)",
     )
     path: Optional[str] = _field(
         None, "prompts: a .txt file (one prompt per line) or an HF datasets directory / hub id; image_captions: an "
@@ -527,25 +529,33 @@ def _validate_data(config: Config, source: str) -> None:
         if d.cache_dir is not None:
             _fail(source, "data.cache_dir", "the built-in digits are encoded by nothing: the cache is for latent teachers' data")
         return
-    if d.path is None:
+    if d.dataset == "classes":
+        if d.path is not None:
+            _fail(source, "data.path", "classes are the teacher's own class labels and read no path")
+        if d.cache_dir is not None:
+            _fail(source, "data.cache_dir", "class labels are encoded by nothing: the cache is for images and prompts")
+        if config.eval.clip is not None:
+            _fail(source, "eval.clip", "the CLIP score compares samples with their prompts; class labels have none")
+    elif d.path is None:
         _fail(source, "data.path", f"the {d.dataset} dataset needs a path: a local file or directory, or an HF datasets hub "
               "id (on the command line: data.path=...)")
-    local = _local_or_hub(d.path)
+    local = _local_or_hub(d.path) if d.path is not None else None
     if local is not None and not local.exists():
         _fail(source, "data.path", f"{local.resolve()} does not exist")
     needs_images = m.name == "add" or m.gan_weight > 0 or (
         len(config.student.timesteps) > 1 and not config.student.backward_simulation)
-    if d.dataset == "prompts" and needs_images:
-        _fail(source, "data.dataset", "prompts have no real images, but the GAN / ADD term (or training without "
-              "backward simulation) needs them: use image_captions")
+    if d.dataset in ("prompts", "classes") and needs_images:
+        fix = "use image_captions" if d.dataset == "prompts" else "no class-labelled image dataset is supported yet"
+        _fail(source, "data.dataset", f"{d.dataset} have no real images, but the GAN / ADD term (or training without "
+              f"backward simulation) needs them: {fix}")
     if d.resolution is not None and d.resolution <= 0:
         _fail(source, "data.resolution", f"must be positive, got {d.resolution}")
     if "classifier" in config.eval.features:
         _fail(source, "eval.features", f"the classifier feature space is the digits classifier's; score {d.dataset} "
               "samples in dinov2 (FD-DINOv2) or inception features, or set eval.features: [] and eval.clip")
-    if d.dataset == "prompts" and config.eval.features:
-        _fail(source, "eval.features", "prompts have no reference images for FD / precision / recall: set "
-              "eval.features: [] (and eval.clip for the CLIP score) or train on image_captions")
+    if d.dataset in ("prompts", "classes") and config.eval.features:
+        _fail(source, "eval.features", f"{d.dataset} have no reference images for FD / precision / recall: set "
+              "eval.features: [] (and eval.clip for the CLIP score of prompts) or train on image_captions")
 
 
 def _validate_eval(e: EvalConfig, source: str) -> None:

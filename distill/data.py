@@ -5,10 +5,11 @@ The built-in benchmark is scikit-learn's handwritten digits: 1,797 real 8x8 grey
 (the noise floor of the quality benchmark); teacher, classifier and distillation see only
 the training split.
 
-Text-to-image teachers train on prompts (``PromptDataset``: data-free distribution matching)
-or on captioned images (``ImageCaptionDataset``: real images for GAN terms and ADD), read
-through Hugging Face ``datasets``. ``cached_dataset`` encodes either once into safetensors
-shards (VAE latents, text embeddings) so long runs skip the frozen encoders.
+Class-conditional latent teachers (DiT) can train data-free on class labels alone
+(``ClassLabelDataset``). Text-to-image teachers train on prompts (``PromptDataset``: data-free
+distribution matching) or on captioned images (``ImageCaptionDataset``: real images for GAN
+terms and ADD), read through Hugging Face ``datasets``. ``cached_dataset`` encodes either once
+into safetensors shards (VAE latents, text embeddings) so long runs skip the frozen encoders.
 """
 
 from __future__ import annotations
@@ -121,6 +122,40 @@ def collate(dataset, index: Tensor) -> dict[str, "Tensor | list[str]"]:
         else torch.stack([torch.as_tensor(item[key]) for item in items])
         for key in items[0]
     }
+
+
+# ---------------------------------------------------------------------------- class labels only
+CLASS_REPEATS = 100  # items per class in one epoch of ClassLabelDataset
+
+
+class ClassLabelDataset(torch.utils.data.Dataset):
+    """Class labels without images, for data-free distillation of a class-conditional teacher
+    (DMD2 without its GAN term needs only what to condition on); items are
+    ``{"class_label": int64 scalar}``.
+
+    Item ``i`` is class ``i % num_classes``, and there are ``num_classes * repeats`` items, so
+    every epoch of a seeded permutation (``EpochSampler``) is class-balanced and holds many
+    global batches even for 10 classes; the order within it is the sampler's."""
+
+    def __init__(self, num_classes: int, *, repeats: int = CLASS_REPEATS):
+        if not isinstance(num_classes, int) or num_classes <= 0:
+            raise ValueError(f"num_classes must be a positive int, not {num_classes!r}")
+        if not isinstance(repeats, int) or repeats <= 0:
+            raise ValueError(f"repeats must be a positive int, not {repeats!r}")
+        self.num_classes, self.repeats = num_classes, repeats
+
+    @property
+    def identity(self) -> str:
+        return f"classes|{self.num_classes}|{self.repeats}"
+
+    def __len__(self) -> int:
+        return self.num_classes * self.repeats
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} class labels")
+        return {"class_label": torch.tensor(index % self.num_classes, dtype=torch.int64)}
 
 
 # ---------------------------------------------------------------------------- text-to-image data
@@ -319,17 +354,22 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
 
 def make_dataset(*, dataset: str, path: str | None, split: str, prompt_column: str, image_column: str,
-                 resolution: int | None) -> torch.utils.data.Dataset:
+                 resolution: int | None, num_classes: int | None = None) -> torch.utils.data.Dataset:
     """The training dataset named by ``dataset`` (the config's ``data.*`` values):
-    ``digits`` -> DigitsDataset("train"), ``prompts`` -> PromptDataset, ``image_captions`` ->
+    ``digits`` -> DigitsDataset("train"), ``classes`` -> ClassLabelDataset(``num_classes``: the
+    caller passes the teacher's), ``prompts`` -> PromptDataset, ``image_captions`` ->
     ImageCaptionDataset (``resolution`` required: the caller passes the teacher's image size
     when the config leaves it null)."""
+    if dataset in ("digits", "classes") and path is not None:
+        raise ValueError(f"{dataset} reads no path; got path {path!r}")
     if dataset == "digits":
-        if path is not None:
-            raise ValueError(f"digits is built in and reads no path; got path {path!r}")
         return DigitsDataset("train")
+    if dataset == "classes":
+        if num_classes is None:
+            raise ValueError("dataset 'classes' needs num_classes: the teacher is not class-conditional")
+        return ClassLabelDataset(num_classes)
     if dataset not in ("prompts", "image_captions"):
-        raise ValueError(f"unknown dataset {dataset!r}; expected 'digits', 'prompts' or 'image_captions'")
+        raise ValueError(f"unknown dataset {dataset!r}; expected 'digits', 'classes', 'prompts' or 'image_captions'")
     if path is None:
         raise ValueError(f"dataset {dataset!r} needs a path (a file, directory or hub id)")
     if dataset == "prompts":

@@ -223,6 +223,7 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
             metrics=metrics,
             checkpoint=ckpt.name,
             text="prompt" in inspect.signature(type(pipe).__call__).parameters,
+            label_call="class_labels" in inspect.signature(type(pipe).__call__).parameters,
             formats=formats,
             lora=lora_info,
             image_size=resolution,
@@ -330,7 +331,7 @@ def save_kohya_lora(component: str, state: dict, lora_config, path: Path) -> Pat
 
 
 def model_card(*, teacher, recipe, timesteps, scheduler, component, denoiser_class, num_classes, metrics, checkpoint,
-               text=False, formats=("pipeline",), lora=None, image_size=None) -> str:
+               text=False, formats=("pipeline",), lora=None, image_size=None, label_call=False) -> str:
     n = len(timesteps)
     method = recipe["method"]
     score_rows = ""
@@ -348,7 +349,12 @@ def model_card(*, teacher, recipe, timesteps, scheduler, component, denoiser_cla
         files += f"| LoRA (diffusers) | `{LORA_DIR}/pytorch_lora_weights.safetensors`, for `pipe.load_lora_weights` on the teacher |\n"
     if "kohya" in formats:
         files += f"| LoRA (kohya / ComfyUI) | `{KOHYA_DIR}/{KOHYA_FILE}` |\n"
-    sampling = _text_sampling(teacher, n, scheduler, formats) if text else _class_sampling(n, component, num_classes, formats)
+    if text:
+        sampling = _text_sampling(teacher, n, scheduler, formats)
+    elif label_call:
+        sampling = _label_pipeline_sampling(n, num_classes)
+    else:
+        sampling = _class_sampling(n, component, num_classes, formats)
     return f"""---
 library_name: diffusers
 tags: [distill, {method['name']}, few-step{', lora' if lora else ''}]
@@ -417,6 +423,27 @@ image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale=0.0).im
 sample it with {n} step{'s' * (n > 1)} at the timesteps above, CFG 1 (no guidance).
 """
     return section
+
+
+def _label_pipeline_sampling(n, num_classes) -> str:
+    """A class-conditional pipeline whose own call takes labels (DiTPipeline): it decodes and
+    drops a learned-variance half itself."""
+    rng = ("" if n == 1 else "\nThis pipeline calls `scheduler.step` without the generator, so the re-noising of a "
+           "multi-step\nstudent draws from torch's global generator: seed it with `torch.manual_seed(...)` too.")
+    return f"""## Sampling with stock diffusers
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("PATH_TO_THIS_DIRECTORY")
+images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps={n}, guidance_scale=1.0,
+              generator=torch.Generator().manual_seed(0)).images
+```
+
+`guidance_scale=1.0` turns classifier-free guidance off (the student was distilled to sample
+without it); class labels are 0..{(num_classes or 1) - 1}.{rng}
+"""
 
 
 def _class_sampling(n, component, num_classes, formats) -> str:

@@ -207,7 +207,7 @@ class DistillTrainer:
         d = self.config.data
         self.raw_dataset = dataset = make_dataset(
             dataset=d.dataset, path=d.path, split=d.split, prompt_column=d.prompt_column, image_column=d.image_column,
-            resolution=self.teacher.image_size[0])
+            resolution=self.teacher.image_size[0], num_classes=self.teacher.num_classes)
         if d.cache_dir is not None:
             with self.accelerator.main_process_first():  # the main process encodes; the others find it complete
                 dataset = cached_dataset(dataset, self._encode_for_cache, cache_dir=d.cache_dir,
