@@ -266,3 +266,21 @@ def test_image_size_sets_latent_shape_and_sdxl_time_ids(tiny_sdxl, tiny_teacher)
         load_teacher(str(tiny_sdxl), image_size=7)
     with pytest.raises(ValueError, match="works at 8x8, not 16"):
         load_teacher(str(tiny_teacher), image_size=16)
+
+
+def test_x0_for_a_sample_prediction_checkpoint_matches_diffusers(tmp_path):
+    """The fourth prediction type: a checkpoint that predicts x0 itself ("sample")."""
+    from conftest import build_tiny_sd
+
+    teacher = load_teacher(str(build_tiny_sd(tmp_path / "sd-sample", prediction_type="sample")))
+    assert teacher.prediction_type == "sample"
+    scheduler = DDIMScheduler.from_config(teacher.scheduler_config)
+    scheduler.set_timesteps(10)
+    cond = teacher.condition({"prompt": PROMPTS[:1]})
+    x_t = _x_t(teacher, 1)
+    for t in TIMESTEPS:
+        t = t.reshape(1)
+        output = teacher.output(teacher.denoiser, x_t, t, cond)
+        expected = scheduler.step(output, int(t), x_t).pred_original_sample
+        torch.testing.assert_close(teacher.x0(teacher.denoiser, x_t, t, cond), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(teacher.x0(teacher.denoiser, x_t, t, cond), output)
