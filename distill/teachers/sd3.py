@@ -15,7 +15,7 @@ et al. 2024): an MMDiT (``SD3Transformer2DModel``) over VAE latents, trained by 
   The null conditioning is the encoded empty prompt (the pipeline's default negative prompt);
   ``head_condition`` is the pooled projection.
 * Features for discriminators: a transformer block's image tokens [B, h * w, D] (h, w: latent
-  size over the patch size; D = ``inner_dim``) seen as maps [B, D, h, w] by ``ImageTokenMap``.
+  size over the patch size; D = ``inner_dim``) seen as maps [B, D, h, w] by ``TokenMap`` (the image stream of the joint blocks).
   SD3's blocks return ``(encoder_hidden_states, hidden_states)``: the map is the second, the
   image stream (the first is the text stream, None after the last block).
 """
@@ -30,52 +30,10 @@ from torch import Tensor, nn
 from distill.schedules import FlowSchedule, schedule_from_config
 from distill.teachers.base import cached_condition, cat_conditions
 from distill.teachers.stable_diffusion import StableDiffusionTeacher, _transformers_class
+from distill.teachers.tokens import TokenMap
 
 TEXT_COMPONENTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default T5 prompt length
-
-
-class _Handles:
-    """Removes several hooks at once (what ``register_forward_hook`` returns to its caller)."""
-
-    def __init__(self, handles: list):
-        self.handles = handles
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-
-
-class ImageTokenMap(nn.Module):
-    """An SD3 block's image tokens [B, h * w, D] seen as a feature map [B, D, h, w].
-
-    Not part of the network: ``register_forward_hook(hook)`` hooks the block and calls ``hook``
-    with the map (h, w read from the latents [B, C, h * p, w * p] the denoiser is called with, p
-    the patch size). Discriminator backbones and DMD2's bottleneck head hook it as they hook a
-    UNet block. The hook's return value is ignored: the block's output is never replaced."""
-
-    def __init__(self, denoiser: nn.Module, block: nn.Module, patch_size: int):
-        super().__init__()
-        self.__dict__["denoiser"] = denoiser  # not submodules: the view owns no parameters
-        self.__dict__["block"] = block
-        self.patch_size = patch_size
-
-    def forward(self, tokens: Tensor, height: int, width: int) -> Tensor:
-        """tokens [B, h * w, D] (row-major patches, as ``PatchEmbed`` flattens them) -> [B, D, h, w]."""
-        return tokens.transpose(1, 2).unflatten(2, (height // self.patch_size, width // self.patch_size))
-
-    def register_forward_hook(self, hook, **kwargs) -> _Handles:
-        size = {}
-
-        def record_size(module, args, kwargs):
-            latents = args[0] if args else kwargs["hidden_states"]
-            size["hw"] = latents.shape[-2:]
-
-        def call_with_map(module, args, output):
-            hook(self, args, self(output[1], *size["hw"]))  # (text stream, image stream)
-
-        return _Handles([self.denoiser.register_forward_pre_hook(record_size, with_kwargs=True),
-                         self.block.register_forward_hook(call_with_map, **kwargs)])
 
 
 class StableDiffusion3Teacher:
@@ -222,19 +180,19 @@ class StableDiffusion3Teacher:
         count = min(4, len(blocks))
         return [blocks[round((i + 1) * len(blocks) / count) - 1] for i in range(count)]
 
-    def bottleneck(self, denoiser: nn.Module) -> ImageTokenMap:
+    def bottleneck(self, denoiser: nn.Module) -> TokenMap:
         """The middle block's image tokens as a map [B, D, h, w]: a transformer has no bottleneck;
         its middle is as far from the input and the output as it gets."""
         blocks = denoiser.transformer_blocks
-        return ImageTokenMap(denoiser, blocks[(len(blocks) - 1) // 2], self.patch_size)
+        return TokenMap(denoiser, blocks[(len(blocks) - 1) // 2], self.patch_size, stream=1)
 
     def bottleneck_channels(self) -> int:
         return self.denoiser.inner_dim
 
-    def feature_modules(self, denoiser: nn.Module) -> list[ImageTokenMap]:
+    def feature_modules(self, denoiser: nn.Module) -> list[TokenMap]:
         """Image tokens of up to four evenly spaced blocks as maps [B, D, h, w] (outputs of the
         views' hooks; ``denoiser_features`` hooks them like any module)."""
-        return [ImageTokenMap(denoiser, block, self.patch_size) for block in self._feature_blocks(denoiser)]
+        return [TokenMap(denoiser, block, self.patch_size, stream=1) for block in self._feature_blocks(denoiser)]
 
     def feature_channels(self) -> list[int]:
         return [self.denoiser.inner_dim] * len(self._feature_blocks(self.denoiser))

@@ -33,51 +33,7 @@ from torch import Tensor, nn
 from distill.schedules import schedule_from_config
 from distill.teachers.base import cached_condition, cat_conditions
 from distill.teachers.stable_diffusion import StableDiffusionTeacher, _transformers_class
-
-
-class _Handles:
-    """Removes several hooks at once (what ``register_forward_hook`` returns to its caller)."""
-
-    def __init__(self, handles: list):
-        self.handles = handles
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
-
-
-class TokenMap(nn.Module):
-    """A transformer block's output tokens [B, h * w, D] seen as a feature map [B, D, h, w].
-
-    Not part of the network: ``register_forward_hook(hook)`` hooks the block and calls ``hook``
-    with the map instead of the tokens (h, w read from the latents the denoiser is called with,
-    [B, C, h * p, w * p], p the patch size). Discriminator backbones and DMD2's bottleneck head
-    hook it as they hook a UNet block. The hook's return value is ignored: the tokens flowing
-    into the next block are never replaced."""
-
-    def __init__(self, denoiser: nn.Module, block: nn.Module, patch_size: int):
-        super().__init__()
-        self.__dict__["denoiser"] = denoiser  # not submodules: no parameters of its own
-        self.__dict__["block"] = block
-        self.patch_size = patch_size
-
-    def forward(self, tokens: Tensor, height: int, width: int) -> Tensor:
-        """tokens [B, h * w, D] (row-major patches, as ``PatchEmbed`` flattens them) -> [B, D, h, w]."""
-        return tokens.transpose(1, 2).unflatten(2, (height // self.patch_size, width // self.patch_size))
-
-    def register_forward_hook(self, hook) -> _Handles:
-        size = {}
-
-        def record_size(module, args, kwargs):
-            latents = args[0] if args else kwargs["hidden_states"]
-            size["hw"] = latents.shape[-2:]
-
-        def call_with_map(module, args, output):
-            tokens = output[0] if isinstance(output, tuple) else output
-            hook(self, args, self(tokens, *size["hw"]))
-
-        return _Handles([self.denoiser.register_forward_pre_hook(record_size, with_kwargs=True),
-                         self.block.register_forward_hook(call_with_map)])
+from distill.teachers.tokens import TokenMap
 
 
 class _LatentTransformerTeacher:
@@ -324,20 +280,9 @@ class PixArtTeacher(_LatentTransformerTeacher):
             cond["aspect_ratio"] = torch.tensor([[height / width]], dtype=states.dtype, device=device).expand(len(prompts), -1)
         return cond
 
-    def condition(self, batch: dict) -> dict[str, Tensor]:
-        """The batch's cached conditioning, else its ``"prompt"`` list encoded (on the text
-        encoder's device, in its dtype)."""
-        cached = cached_condition(batch)
-        if cached is not None:
-            return cached
-        prompts = batch["prompt"]
-        with torch.no_grad():
-            return self._encode([prompts] if isinstance(prompts, str) else list(prompts))
-
-    def null_condition(self, cond: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The empty-prompt conditioning, expanded to ``cond``'s batch, on its device."""
-        reference = cond["encoder_hidden_states"]
-        return {k: v.to(reference.device).expand(reference.shape[0], *v.shape[1:]) for k, v in self._null.items()}
+    # prompts (cached or encoded by _encode) and the empty prompt: as Stable Diffusion's
+    condition = StableDiffusionTeacher.condition
+    null_condition = StableDiffusionTeacher.null_condition
 
     def head_condition(self, cond: dict[str, Tensor]) -> Tensor:
         """Mask-weighted mean of the T5 hidden states [B, head_condition_dim], float32."""
