@@ -230,6 +230,54 @@ def tiny_overrides(teacher: Path, classifier: Path | None, output_dir: Path, **e
     return [f"{k}={v}" for k, v in values.items()]
 
 
+TEXT_PROMPTS = ["a red cat", "a blue dog", "a green tree", "the sea at night", "two birds", "a small house"]
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory) -> Path:
+    """``prompts.txt`` and ``images/``: an imagefolder of 8 random 20x24 RGB images whose
+    metadata.jsonl captions cycle through ``TEXT_PROMPTS``."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("text-data")
+    (root / "prompts.txt").write_text("\n".join(TEXT_PROMPTS) + "\n")
+    images = root / "images"
+    images.mkdir()
+    rows = []
+    generator = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray((generator.random((20, 24, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": TEXT_PROMPTS[i % len(TEXT_PROMPTS)]})
+    (images / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+def latent_recipe_overrides(recipe: str, teacher: Path, data: Path, output_dir: Path, **extra) -> list[str]:
+    """``tiny_overrides`` for a latent-teacher recipe on CPU: float32, no mixed precision or
+    checkpointing, no warm-up, no scoring, and the recipe's kind of data from ``text_data``
+    (16-pixel images)."""
+    import yaml
+
+    dataset = yaml.safe_load(open(recipe))["data"]["dataset"]
+    values = {
+        "teacher.dtype": "float32",
+        "train.mixed_precision": "no",
+        "train.gradient_checkpointing": "false",
+        "optim.student.warmup_steps": 0,
+        "optim.critic.warmup_steps": 0,
+        "eval.features": "[]",
+        "eval.clip": "null",
+    }
+    if dataset != "classes":
+        values["data.path"] = str(data / ("images" if dataset == "image_captions" else "prompts.txt"))
+        values["data.resolution"] = 16 if dataset == "image_captions" else "null"
+    values.update(extra)
+    return tiny_overrides(teacher, None, output_dir, **values)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Accelerate keeps process-wide state (mixed precision, ...); each in-process run

@@ -11,13 +11,12 @@ import math
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import REPO, _tiny_vae, tiny_overrides
-from diffusers import (DDIMScheduler, DiffusionPipeline, DiTPipeline, DPMSolverMultistepScheduler,
+from conftest import REPO, TEXT_PROMPTS, _tiny_vae, latent_recipe_overrides
+from diffusers import (DiffusionPipeline, DiTPipeline, DPMSolverMultistepScheduler,
                        FlowMatchEulerDiscreteScheduler, PixArtAlphaPipeline)
 from safetensors.torch import load_file
 from test_sd3 import build_tiny_sd3
-from test_transformer_teachers import _tiny_dit, _tiny_pixart, _tiny_t5
+from test_transformer_teachers import _tiny_pixart, _tiny_t5, build_tiny_dit
 
 from distill import config as config_lib
 from distill import train
@@ -26,7 +25,7 @@ from distill.data import ClassLabelDataset, EpochSampler, collate, make_dataset
 
 RECIPES = {name: str(REPO / "recipes" / f"{name}.yaml") for name in
            ("dit256-dmd2-1step", "pixart-dmd2-4step", "sd3-dmd2-4step-lora", "sd3-ladd-4step")}
-PROMPTS = ["a red cat", "a blue dog", "a green tree", "the sea at night", "two birds", "a small house"]
+PROMPTS = TEXT_PROMPTS
 LORA = {"student.lora.rank": 4, "student.lora.alpha": 2, "method.fake_score_lora.rank": 4}
 
 
@@ -43,13 +42,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_dit_pipeline(tmp_path_factory):
-    """DiTPipeline: 1000 classes (+ the null class), learned sigma, 8x8x4 latents, DDIM as
-    facebook/DiT-XL-2-256 ships."""
-    path = tmp_path_factory.mktemp("tiny") / "dit"
-    torch.manual_seed(0)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
-    DiTPipeline(transformer=_tiny_dit(), vae=_tiny_vae(), scheduler=scheduler).save_pretrained(path, safe_serialization=True)
-    return path
+    return build_tiny_dit(tmp_path_factory.mktemp("tiny") / "dit")
 
 
 @pytest.fixture(scope="module")
@@ -69,41 +62,8 @@ def tiny_sd3_pipeline(tmp_path_factory):
     return build_tiny_sd3(tmp_path_factory.mktemp("tiny") / "sd3")
 
 
-@pytest.fixture(scope="module")
-def flow_data(tmp_path_factory):
-    """A prompts file and an imagefolder of 8 coloured 20x24 images with captions."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("flow-data")
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    images = root / "images"
-    images.mkdir()
-    rows = []
-    generator = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray((generator.random((20, 24, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": PROMPTS[i % len(PROMPTS)]})
-    (images / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return root
-
-
 def _overrides(name: str, teacher, data, run, **extra) -> list[str]:
-    dataset = yaml.safe_load(open(RECIPES[name]))["data"]["dataset"]
-    values = {
-        "teacher.dtype": "float32",  # CPU
-        "train.mixed_precision": "no",
-        "train.gradient_checkpointing": "false",
-        "optim.student.warmup_steps": 0,
-        "optim.critic.warmup_steps": 0,
-        "eval.features": "[]",
-        "eval.clip": "null",
-        "train.ema_decay": 0,
-        **extra,
-    }
-    if dataset != "classes":
-        values["data.path"] = str(data / ("images" if dataset == "image_captions" else "prompts.txt"))
-        values["data.resolution"] = 16 if dataset == "image_captions" else "null"
-    return tiny_overrides(teacher, None, run, **values)
+    return latent_recipe_overrides(RECIPES[name], teacher, data, run, **{"train.ema_decay": 0, **extra})
 
 
 def _train(name: str, teacher, data, run, **extra) -> list[dict]:
@@ -209,12 +169,12 @@ def test_dit_recipe_trains_on_class_labels_exports_and_samples_in_stock_diffuser
     torch.testing.assert_close(_as_nchw(exported), student_images, atol=1e-4, rtol=0)
 
 
-def test_pixart_recipe_trains_on_prompts_exports_and_samples_in_stock_diffusers(tiny_pixart_pipeline, flow_data, tmp_path):
+def test_pixart_recipe_trains_on_prompts_exports_and_samples_in_stock_diffusers(tiny_pixart_pipeline, text_data, tmp_path):
     from distill.evaluate import run_target
     from distill.export import export
 
     run = tmp_path / "run"
-    _train("pixart-dmd2-4step", tiny_pixart_pipeline, flow_data, run)
+    _train("pixart-dmd2-4step", tiny_pixart_pipeline, text_data, run)
     _assert_full_student_changed(run, tiny_pixart_pipeline)
     out = export(run, tmp_path / "export")
 
@@ -267,10 +227,10 @@ def _sd3_exports_sample_like_the_student(name: str, teacher, data, tmp_path, **e
     return run, out, four
 
 
-def test_sd3_lora_recipe_trains_exports_and_the_lora_loads_on_the_teacher(tiny_sd3_pipeline, flow_data, tmp_path):
+def test_sd3_lora_recipe_trains_exports_and_the_lora_loads_on_the_teacher(tiny_sd3_pipeline, text_data, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    run, out, fused = _sd3_exports_sample_like_the_student("sd3-dmd2-4step-lora", tiny_sd3_pipeline, flow_data, tmp_path, **LORA)
+    run, out, fused = _sd3_exports_sample_like_the_student("sd3-dmd2-4step-lora", tiny_sd3_pipeline, text_data, tmp_path, **LORA)
     student_dir = _student_dir(run)
     assert (student_dir / "adapter_config.json").is_file() and not (student_dir / "config.json").exists()
     adapter = load_file(student_dir / "adapter_model.safetensors")
@@ -285,8 +245,8 @@ def test_sd3_lora_recipe_trains_exports_and_the_lora_loads_on_the_teacher(tiny_s
     np.testing.assert_allclose(_sd3_images(pipe, PROMPTS[:2], 4, seed=3), fused, atol=1e-4, rtol=0)
 
 
-def test_sd3_ladd_recipe_trains_on_captioned_images_exports_and_samples(tiny_sd3_pipeline, flow_data, tmp_path):
-    run, _, _ = _sd3_exports_sample_like_the_student("sd3-ladd-4step", tiny_sd3_pipeline, flow_data, tmp_path,
+def test_sd3_ladd_recipe_trains_on_captioned_images_exports_and_samples(tiny_sd3_pipeline, text_data, tmp_path):
+    run, _, _ = _sd3_exports_sample_like_the_student("sd3-ladd-4step", tiny_sd3_pipeline, text_data, tmp_path,
                                                      **{"method.discriminator.head_width": 8})
     rows = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
     assert all("generator/distill_loss" not in row and "generator/gan_g_loss" in row for row in rows)  # adversarial only

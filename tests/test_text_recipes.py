@@ -10,51 +10,18 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import REPO, tiny_overrides
+from conftest import REPO, TEXT_PROMPTS, latent_recipe_overrides
 
 from distill import config as config_lib
 from distill import train
 
 RECIPES = {name: str(REPO / "recipes" / f"{name}.yaml") for name in
            ("sd15-dmd2-1step", "sd15-dmd2-4step-lora", "sd21-vpred-dmd2-4step", "sdxl-add-1step", "sdxl-dmd2-4step-lora")}
-PROMPTS = ["a red cat", "a blue dog", "a green tree", "the sea at night", "two birds", "a small house"]
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory):
-    """A prompts file and an imagefolder of 8 coloured 20x24 images with captions."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("text-data")
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    images = root / "images"
-    images.mkdir()
-    rows = []
-    generator = np.random.default_rng(0)
-    for i in range(8):
-        pixels = (generator.random((20, 24, 3)) * 255).astype(np.uint8)
-        Image.fromarray(pixels).save(images / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": PROMPTS[i % len(PROMPTS)]})
-    (images / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return root
+PROMPTS = TEXT_PROMPTS
 
 
 def _overrides(name: str, teacher, data, run, **extra) -> list[str]:
-    images = yaml.safe_load(open(RECIPES[name]))["data"]["dataset"] == "image_captions"
-    values = {
-        "data.path": str(data / ("images" if images else "prompts.txt")),
-        "data.resolution": 16 if images else "null",
-        "teacher.dtype": "float32",  # CPU
-        "train.mixed_precision": "no",
-        "train.gradient_checkpointing": "false",
-        "optim.student.warmup_steps": 0,
-        "optim.critic.warmup_steps": 0,
-        "eval.features": "[]",
-        "eval.clip": "null",
-        **extra,
-    }
-    return tiny_overrides(teacher, None, run, **values)
+    return latent_recipe_overrides(RECIPES[name], teacher, data, run, **extra)
 
 
 def _pipeline_images(export_dir, steps: int, prompts: list[str], seed: int) -> np.ndarray:

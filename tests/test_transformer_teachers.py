@@ -58,13 +58,17 @@ def _tiny_pixart(use_additional_conditions=None, head_dim=8) -> PixArtTransforme
                                     use_additional_conditions=use_additional_conditions)
 
 
-@pytest.fixture(scope="module")
-def tiny_dit(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "dit"
+def build_tiny_dit(path):
+    """A DiTPipeline (1000 classes + the null class, learned sigma, 8x8x4 latents, DDIM) saved to ``path``."""
     torch.manual_seed(0)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     DiTPipeline(transformer=_tiny_dit(), vae=_tiny_vae(), scheduler=scheduler).save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dit(tmp_path_factory):
+    return build_tiny_dit(tmp_path_factory.mktemp("tiny") / "dit")
 
 
 @pytest.fixture(scope="module")
