@@ -278,6 +278,15 @@ def latent_recipe_overrides(recipe: str, teacher: Path, data: Path, output_dir: 
     return tiny_overrides(teacher, None, output_dir, **values)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests (tiny models, where threads add overhead)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Accelerate keeps process-wide state (mixed precision, ...); each in-process run

@@ -29,12 +29,7 @@ PROMPTS = TEXT_PROMPTS
 LORA = {"student.lora.rank": 4, "student.lora.alpha": 2, "method.fake_score_lora.rank": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny transformers: threads cost more than they give
 
 
 # --- tiny pipelines and data ---------------------------------------------------------------------

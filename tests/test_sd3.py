@@ -58,12 +58,7 @@ def build_tiny_sd3(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny transformers: threads cost more than they give
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ def _randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny transformers: threads cost more than they give
 
 
 def _tiny_dit(num_classes: int = 1000, num_layers: int = 2) -> DiTTransformer2DModel:
