@@ -1,16 +1,18 @@
-"""Ablation on the digits benchmark: method x discriminator regulariser, at equal CPU time.
+"""Ablation on the digits benchmark: method x discriminator regulariser, at an equal number of
+student steps.
 
     python scripts/make_random_dinov2.py     # once: the offline stand-in for DINOv2
-    python scripts/bench_ablation.py --minutes 3 --out docs/ablation.md
+    python scripts/bench_ablation.py --steps 300 --out docs/ablation.md
 
 Methods: ADD (frozen DINOv2 discriminator + score distillation, recipes/digits-add-1step),
 LADD (the teacher's own features, no distillation; digits-ladd-1step), DMD2 with its GAN
 head on the fake score's bottleneck (digits-dmd2-1step-long's GAN weights, 11-minute
 recipe otherwise) and DMD2 with the DINOv2 discriminator (digits-dmd2-dinov2-1step).
 Regularisers: none, approximated R1 (APT; sigma 0.01) and exact R1, each with weight
---r1-weight. Every run trains a 1-step student from the same seed for --minutes of wall
-clock on this machine, is scored every 100 steps on 500 samples (scores.jsonl) and at the
-end on 2,000 (FD, precision and recall in the digits classifier's features, class
+--r1-weight. Every run trains a 1-step student from the same seed for --steps student
+steps (so the table does not depend on how busy the machine was; the minutes column says
+what each run cost here), is scored every 100 steps on 500 samples (scores.jsonl) and
+at the end on 2,000 (FD, precision and recall in the digits classifier's features, class
 accuracy). A run counts as stable when every logged loss is finite and its final FD is
 within 1.5x of the best FD it reached. The dinov2 backbone here is a small randomly
 initialised DINOv2 (scripts/make_random_dinov2.py), not DINOv2's weights.
@@ -39,9 +41,9 @@ METHODS = {  # name -> (recipe, overrides)
 REGULARISERS = {"none": "none", "approximated R1": "approximated", "R1": "exact"}
 
 
-def run(recipe: str, overrides: list[str], out: Path, minutes: float) -> dict:
-    args = [sys.executable, "-m", "distill", "train", recipe, f"output_dir={out}", f"train.max_minutes={minutes}",
-            "train.max_steps=100000", "eval.every=100", "eval.every_num_samples=500", "eval.num_samples=2000",
+def run(recipe: str, overrides: list[str], out: Path, steps: int) -> dict:
+    args = [sys.executable, "-m", "distill", "train", recipe, f"output_dir={out}", "train.max_minutes=null",
+            f"train.max_steps={steps}", "eval.every=100", "eval.every_num_samples=500", "eval.num_samples=2000",
             "train.sample_every=0", "train.checkpoint_every=100000", *overrides]
     started = time.time()
     result = subprocess.run(args, capture_output=True, text=True)
@@ -61,13 +63,13 @@ def run(recipe: str, overrides: list[str], out: Path, minutes: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=3.0, help="training wall clock per run")
+    parser.add_argument("--steps", type=int, default=300, help="student steps per run")
     parser.add_argument("--r1-weight", type=float, default=1e-3)
     parser.add_argument("--runs", default="runs/ablation")
     parser.add_argument("--out", default=None, help="write the table (markdown) here too")
     args = parser.parse_args()
 
-    lines = ["| method | regulariser | steps | FD ↓ | precision ↑ | recall ↑ | class acc. ↑ | stable |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| method | regulariser | minutes | FD ↓ | precision ↑ | recall ↑ | class acc. ↑ | stable |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for method, (recipe, overrides) in METHODS.items():
         for reg_name, kind in REGULARISERS.items():
             slug = f"{method.split()[0].lower()}{'-dinov2' if 'DINOv2' in method else ''}-{kind}"
@@ -76,18 +78,19 @@ def main() -> None:
                 result = json.loads((out / "ablation.json").read_text())
             else:
                 reg = [f"method.r1.kind={kind}", f"method.r1.weight={args.r1_weight}", "method.r1.sigma=0.01"]
-                result = run(recipe, overrides + reg, out, args.minutes)
+                result = run(recipe, overrides + reg, out, args.steps)
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "ablation.json").write_text(json.dumps(result, indent=2))
             if "error" in result:
                 line = f"| {method} | {reg_name} | | | | | | failed: {result['error'][:80]} |"
             else:
-                line = (f"| {method} | {reg_name} | {result['step']} | {result['fd_classifier']:.2f} | {result['precision_classifier']:.3f} | "
+                line = (f"| {method} | {reg_name} | {result['train_minutes']:.1f} | {result['fd_classifier']:.2f} | {result['precision_classifier']:.3f} | "
                         f"{result['recall_classifier']:.3f} | {result['class_accuracy']:.3f} | {'yes' if result['stable'] else 'no'} |")
             lines.append(line)
             print(line, flush=True)
     header = (
-        f"{args.minutes:g} minutes of training per run on {os.cpu_count()} CPU cores ({platform.machine()}), 1-step students, "
+        f"{args.steps} student steps per run (minutes: its training time on {os.cpu_count()} CPU cores, {platform.machine()}, "
+        "shared with other jobs, so only roughly comparable), 1-step students, "
         f"seed 0, regulariser weight {args.r1_weight:g} (approximated R1: sigma 0.01); FD, precision and recall against the "
         f"1,437 training digits in the digits classifier's features on 2,000 samples; {time.strftime('%Y-%m-%d')}. "
         "The DINOv2 backbone is a randomly initialised 4-layer DINOv2 (scripts/make_random_dinov2.py), not DINOv2's weights.\n\n"
