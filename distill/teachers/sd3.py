@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from distill.schedules import FlowSchedule, schedule_from_config
 from distill.teachers.base import cached_condition, cat_conditions
-from distill.teachers.stable_diffusion import StableDiffusionTeacher, _transformers_class
+from distill.teachers.stable_diffusion import (StableDiffusionTeacher, _transformers_class, latent_side, load_vae,
+                                               vae_scale_factor)
 from distill.teachers.tokens import TokenMap
 
 TEXT_COMPONENTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
@@ -74,14 +75,9 @@ class StableDiffusion3Teacher:
         self.prediction_type = self.schedule.prediction_type
         self.num_classes = None
         self.patch_size = transformer.config.patch_size
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # as the pipeline computes it
-        if image_size is None:  # the checkpoint's default size, as the pipeline uses it
-            side = transformer.config.sample_size
-        elif image_size % (self.vae_scale_factor * self.patch_size):
-            raise ValueError(f"image size {image_size} is not a multiple of the VAE's downsampling factor times the "
-                             f"patch size ({self.vae_scale_factor} x {self.patch_size})")
-        else:  # SD3's positional embedding is cropped from a larger grid: other sizes work
-            side = image_size // self.vae_scale_factor
+        self.vae_scale_factor = vae_scale_factor(vae)
+        # SD3's positional embedding is cropped from a larger grid: other sizes work
+        side = latent_side(image_size, transformer.config.sample_size, self.vae_scale_factor, self.patch_size)
         self.sample_shape = (channels, side, side)
         self.image_size = (side * self.vae_scale_factor, side * self.vae_scale_factor)
         with torch.no_grad():  # encoded once: every guided step needs it
@@ -115,9 +111,7 @@ class StableDiffusion3Teacher:
         index = DiffusionPipeline.load_config(path, revision=revision)
         load = dict(revision=revision, use_safetensors=True)
         transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype, **load)
-        vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=revision)
-        vae_dtype = torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast") else dtype
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype, **load)
+        vae = load_vae(path, revision, dtype)
 
         def present(name: str) -> bool:  # a dropped component is missing or saved as [null, null]
             return bool(index.get(name)) and index[name][0] is not None

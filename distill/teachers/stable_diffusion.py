@@ -42,6 +42,30 @@ def _size2(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent, as the pipelines compute it."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_side(image_size: int | None, default: int, scale: int, patch: int = 1) -> int:
+    """The latent side for ``image_size`` pixels (None: the checkpoint's ``default``), which
+    must be a multiple of the VAE factor times the patch size."""
+    if image_size is None:
+        return default
+    if image_size % (scale * patch):
+        raise ValueError(f"image size {image_size} is not a multiple of the VAE's downsampling factor {scale}"
+                         + (f" times the patch size {patch}" if patch > 1 else ""))
+    return image_size // scale
+
+
+def load_vae(path: str, revision: str | None, dtype: torch.dtype) -> AutoencoderKL:
+    """A pipeline's VAE in ``dtype``, except float32 where its config says ``force_upcast``
+    (SDXL's VAE overflows in float16; the pipelines upcast it to decode)."""
+    config = AutoencoderKL.load_config(path, subfolder="vae", revision=revision)
+    vae_dtype = torch.float32 if dtype == torch.float16 and config.get("force_upcast") else dtype
+    return AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype, revision=revision, use_safetensors=True)
+
+
 class StableDiffusionTeacher:
     """SD 1.x / 2.x: one CLIP text encoder; conditioning ``{"encoder_hidden_states": [B, L, D],
     "pooled": [B, D]}``."""
@@ -63,13 +87,12 @@ class StableDiffusionTeacher:
         self.schedule = schedule_from_config(self.scheduler_config)
         self.prediction_type = self.schedule.prediction_type
         self.num_classes = None
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # as the pipelines compute it
+        self.vae_scale_factor = vae_scale_factor(vae)
+        default = _size2(unet.config.sample_size)
         if image_size is None:  # the checkpoint's default size, as the pipelines use it
-            self.sample_shape = (unet.config.in_channels, *_size2(unet.config.sample_size))
-        elif image_size % self.vae_scale_factor:
-            raise ValueError(f"image size {image_size} is not a multiple of the VAE's downsampling factor {self.vae_scale_factor}")
+            self.sample_shape = (unet.config.in_channels, *default)
         else:  # e.g. SDXL (1024 native) trained and sampled at 512: latents and SDXL's size time ids follow
-            side = image_size // self.vae_scale_factor
+            side = latent_side(image_size, default[0], self.vae_scale_factor)
             self.sample_shape = (unet.config.in_channels, side, side)
         self.image_size = (self.sample_shape[1] * self.vae_scale_factor, self.sample_shape[2] * self.vae_scale_factor)
         with torch.no_grad():  # encoded once: every guided step needs it
@@ -108,10 +131,7 @@ class StableDiffusionTeacher:
         index = DiffusionPipeline.load_config(path, revision=revision)
         load = dict(revision=revision, use_safetensors=True)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **load)
-        vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=revision)
-        # SDXL's VAE overflows in float16 (its config says force_upcast); the pipelines upcast it to decode
-        vae_dtype = torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast") else dtype
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype, **load)
+        vae = load_vae(path, revision, dtype)
         tokenizers = [_transformers_class(index, name).from_pretrained(path, subfolder=name, revision=revision)
                       for name, _ in cls.text_components]
         text_encoders = [_transformers_class(index, name).from_pretrained(path, subfolder=name, dtype=dtype, **load)

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from distill.schedules import schedule_from_config
 from distill.teachers.base import cached_condition, cat_conditions
-from distill.teachers.stable_diffusion import StableDiffusionTeacher, _transformers_class
+from distill.teachers.stable_diffusion import (StableDiffusionTeacher, _transformers_class, latent_side, load_vae,
+                                               vae_scale_factor)
 from distill.teachers.tokens import TokenMap
 
 
@@ -61,14 +62,9 @@ class _LatentTransformerTeacher:
         self.schedule = schedule_from_config(self.scheduler_config)
         self.prediction_type = self.schedule.prediction_type
         self.patch_size = transformer.config.patch_size
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # as the pipelines compute it
-        if image_size is None:  # the checkpoint's default size, as the pipelines use it
-            side = transformer.config.sample_size
-        elif image_size % (self.vae_scale_factor * self.patch_size):
-            raise ValueError(f"image size {image_size} is not a multiple of the VAE's downsampling factor times the "
-                             f"patch size ({self.vae_scale_factor} x {self.patch_size})")
-        else:  # the patch embedding interpolates its positional embedding to other sizes
-            side = image_size // self.vae_scale_factor
+        self.vae_scale_factor = vae_scale_factor(vae)
+        # the patch embedding interpolates its positional embedding to other sizes
+        side = latent_side(image_size, transformer.config.sample_size, self.vae_scale_factor, self.patch_size)
         self.sample_shape = (channels, side, side)
         self.image_size = (side * self.vae_scale_factor, side * self.vae_scale_factor)
 
@@ -143,9 +139,7 @@ class _LatentTransformerTeacher:
             raise ValueError(f"the transformer is {library}.{class_name}; expected a diffusers model class")
         load = dict(revision=revision, use_safetensors=True)
         transformer = getattr(diffusers, class_name).from_pretrained(path, subfolder="transformer", torch_dtype=dtype, **load)
-        vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=revision)
-        vae_dtype = torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast") else dtype
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype, **load)
+        vae = load_vae(path, revision, dtype)
         scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision)  # the raw dict
         return index, transformer, vae, scheduler_config
 
