@@ -35,15 +35,14 @@ def _export(args) -> None:
     print(f"exported {args.run_dir} -> {out}")
 
 
-def _prompts(args, run_config: dict | None) -> list[str] | None:
+def _prompts(args, run: config_lib.Config | None) -> list[str] | None:
     """Prompts for a text-to-image target: --prompts, else a run's own training data's."""
     from distill.data import PromptDataset
 
     if args.prompts:
         return PromptDataset(args.prompts).prompts
-    data = (run_config or {}).get("data", {})
-    if data.get("dataset", "digits") != "digits":
-        return PromptDataset(data["path"], split=data["split"], column=data["prompt_column"]).prompts
+    if run is not None and run.data.dataset in ("prompts", "image_captions"):  # digits and classes have none
+        return PromptDataset(run.data.path, split=run.data.split, column=run.data.prompt_column).prompts
     return None
 
 
@@ -57,7 +56,8 @@ def _target(args, device):
     if (source / "config.yaml").is_file():
         if args.solver:
             raise SystemExit(f"distill {args.command}: --solver samples a teacher pipeline; {source} is a run directory")
-        prompts = _prompts(args, yaml.safe_load((source / "config.yaml").read_text()))
+        run = config_lib.from_dict(yaml.safe_load((source / "config.yaml").read_text()), str(source / "config.yaml"))
+        prompts = _prompts(args, run)
         target, config = evaluate.run_target(source, args.checkpoint, args.steps, batch_size=args.batch_size, device=device,
                                              prompts=prompts)
         return [target], config
@@ -95,8 +95,7 @@ def _eval(args) -> None:
     import torch
 
     from distill import evaluate
-    from distill.data import make_dataset
-    from distill.trainer import eval_reference, save_grid, scorer_from_config
+    from distill.trainer import dataset_from_config, eval_reference, save_grid, scorer_from_config
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     targets, run_config = _target(args, device)
@@ -116,10 +115,7 @@ def _eval(args) -> None:
         if scorer is None:  # the reference images of an image-caption set come at the targets' size
             reference = None
             if config.data.dataset == "image_captions":
-                d = config.data
-                dataset = make_dataset(dataset=d.dataset, path=d.path, split=d.split, prompt_column=d.prompt_column,
-                                       image_column=d.image_column, resolution=images.shape[-1])
-                reference = eval_reference(dataset, config.eval)
+                reference = eval_reference(dataset_from_config(config.data, resolution=images.shape[-1]), config.eval)
             elif config.data.dataset in ("prompts", "classes") and config.eval.features:
                 raise ValueError(f"{config.data.dataset} data have no reference images: score with --features [] (and --clip "
                                  "for prompts), or give --reference")

@@ -376,10 +376,18 @@ def load(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{source}: override {item!r} is not of the form section.key=value")
         key, raw = item.split("=", 1)
         _set_override(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None, source)
+    config = from_dict(data, source)
+    validate(config, source)
+    return config
+
+
+def from_dict(data: dict, source: str) -> Config:
+    """A config from a (resolved) recipe mapping, every key checked and every missing one at
+    the schema's default, without the checks of files and combinations ``load`` adds: how a
+    finished run's ``config.yaml`` is read back, even if its teacher has moved since."""
     config = _build(Config(), data, "", source)
     if config.method.gan_loss is None:
         config.method.gan_loss = PAPER_GAN_LOSS[config.method.name]
-    validate(config, source)
     return config
 
 

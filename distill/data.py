@@ -15,6 +15,7 @@ into safetensors shards (VAE latents, text embeddings) so long runs skip the fro
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import io
 import json
@@ -341,9 +342,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    @property
+    @functools.cached_property
     def prompts(self) -> list[str]:
-        """Every caption, in order, without decoding an image (evaluation prompts)."""
+        """Every caption, in order, without decoding an image (evaluation prompts; read once)."""
         return [_caption(value, self.path, i) for i, value in enumerate(self.table[self.caption_column])]
 
     def __getitem__(self, index: int) -> dict:

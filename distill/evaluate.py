@@ -251,14 +251,16 @@ def run_target(run_dir: str | Path, checkpoint: str = "latest", steps: int | Non
     from distill.teachers import load_teacher
     from distill.trainer import generate as generate_student
 
+    from distill.config import from_dict
+
     config, ckpt = load_run(run_dir, checkpoint)
+    run = from_dict(config, str(Path(run_dir) / "config.yaml"))
     # the run's teacher dtype on a GPU; float32 on the CPU, where half precision is slow or missing
-    dtype = getattr(torch, config["teacher"].get("dtype", "float32")) if torch.device(device).type == "cuda" else torch.float32
-    teacher = load_teacher(config["teacher"]["path"], config["teacher"].get("revision"), dtype=dtype,
-                           image_size=config.get("data", {}).get("resolution"))
+    dtype = getattr(torch, run.teacher.dtype) if torch.device(device).type == "cuda" else torch.float32
+    teacher = load_teacher(run.teacher.path, run.teacher.revision, dtype=dtype, image_size=run.data.resolution)
     teacher.to(device)
     student = load_student(teacher.denoiser, ckpt / "student").to(device)
-    timesteps = config["student"]["timesteps"][: steps or None]
+    timesteps = run.student.timesteps[: steps or None]
     sampler = FewStepSampler(timesteps, teacher.schedule)
 
     def generate(num: int, seed: int):

@@ -31,6 +31,7 @@ import torch
 import yaml
 from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, LCMScheduler, SchedulerMixin
 
+from distill import config as config_lib
 from distill.schedules import FlowSchedule, schedule_from_config
 from distill.students import ADAPTER_WEIGHTS, fuse, is_lora_checkpoint, load_student, lora_state_dict
 
@@ -171,15 +172,14 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
     default leaves them out where the pipeline has none. ``scheduler/`` is always written."""
     config, ckpt = load_run(run_dir, checkpoint)
     student_dir = ckpt / "student"
-    teacher_path = config["teacher"]["path"]
-    timesteps = config["student"]["timesteps"]
-    revision = config["teacher"].get("revision")
+    run = config_lib.from_dict(config, str(Path(run_dir) / "config.yaml"))
+    teacher_path, revision, timesteps = run.teacher.path, run.teacher.revision, run.student.timesteps
     # components saved as [null, null] (e.g. SD3 without T5) load only when passed as None again
     absent = {k: None for k, v in DiffusionPipeline.load_config(teacher_path, revision=revision).items()
               if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None}
     pipe = DiffusionPipeline.from_pretrained(teacher_path, revision=revision, use_safetensors=True, **absent)
     lora = is_lora_checkpoint(student_dir)
-    resolution = config.get("data", {}).get("resolution")  # trained at another size than the checkpoint's default
+    resolution = run.data.resolution  # trained at another size than the checkpoint's default
     teacher = _teacher_or_none(pipe, resolution)
     scheduler_config = teacher.scheduler_config if teacher else {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
     scheduler = few_step_scheduler(scheduler_config, timesteps)

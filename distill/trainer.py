@@ -40,6 +40,7 @@ from distill.data import EpochSampler, cached_dataset, collate, image_reference_
 from distill.discriminators import Discriminator, Heads
 from distill.evaluate import Scorer, draw
 from distill.methods import ADD, DMD2, Critic
+from distill.methods.common import to_device
 from distill.students import (FewStepSampler, enable_gradient_checkpointing, eval_copy, lora_config, make_roles,
                                save_student, set_trainable, trainable_parameters)
 from distill.teachers import COND_PREFIX, load_teacher
@@ -205,9 +206,8 @@ class DistillTrainer:
 
     def _setup_data(self):
         d = self.config.data
-        self.raw_dataset = dataset = make_dataset(
-            dataset=d.dataset, path=d.path, split=d.split, prompt_column=d.prompt_column, image_column=d.image_column,
-            resolution=self.teacher.image_size[0], num_classes=self.teacher.num_classes)
+        self.raw_dataset = dataset = dataset_from_config(d, resolution=self.teacher.image_size[0],
+                                                         num_classes=self.teacher.num_classes)
         if d.cache_dir is not None:
             with self.accelerator.main_process_first():  # the main process encodes; the others find it complete
                 dataset = cached_dataset(dataset, self._encode_for_cache, cache_dir=d.cache_dir,
@@ -225,7 +225,7 @@ class DistillTrainer:
     def _encode_for_cache(self, batch: dict) -> dict[str, torch.Tensor]:
         """What the cache stores per item: the conditioning (``cond.<key>``) and, for images,
         their latents (``latent``): what the teacher would otherwise encode every step."""
-        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, self.device)
         encoded = {f"{COND_PREFIX}{k}": v for k, v in self.teacher.condition(batch).items()}
         if "image" in batch:
             encoded["latent"] = self.teacher.encode_images(batch["image"])
@@ -454,6 +454,12 @@ def scorer_from_config(e: config_lib.EvalConfig, dataset: str, device, reference
                   cache_dir=e.cache_dir, nearest_k=e.nearest_k, kid_subsets=e.kid_subsets,
                   kid_subset_size=e.kid_subset_size, batch_size=e.batch_size, device=device, clip=e.clip,
                   reference=reference)
+
+
+def dataset_from_config(d: config_lib.DataConfig, *, resolution: int, num_classes: int | None = None):
+    """The dataset a recipe's ``data`` section names (images at ``resolution``)."""
+    return make_dataset(dataset=d.dataset, path=d.path, split=d.split, prompt_column=d.prompt_column,
+                        image_column=d.image_column, resolution=resolution, num_classes=num_classes)
 
 
 def eval_reference(dataset, e: config_lib.EvalConfig) -> tuple[str, torch.Tensor] | None:

@@ -163,6 +163,11 @@ def test_dit_recipe_trains_on_class_labels_exports_and_samples_in_stock_diffuser
     assert exported.shape == (3, 16, 16, 3)
     torch.testing.assert_close(_as_nchw(exported), student_images, atol=1e-4, rtol=0)
 
+    from distill.cli import main  # the CLI on a class-label run: balanced labels, no prompts to look for
+
+    main(["sample", str(run), "--num", "4", "--batch-size", "2", "--out", str(tmp_path / "grid.png")])
+    assert (tmp_path / "grid.png").is_file()
+
 
 def test_pixart_recipe_trains_on_prompts_exports_and_samples_in_stock_diffusers(tiny_pixart_pipeline, text_data, tmp_path):
     from distill.evaluate import run_target
