@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from distill import config as config_lib
+from distill.errors import NonFiniteError
 
 
 def _validate(args) -> None:
@@ -111,7 +112,7 @@ def _eval(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows, scorer = [], None
     for target in targets:
-        images, labels = target.generate(config.eval.num_samples, args.seed)
+        images, labels = target.generate(config.eval.num_samples, args.seed, clamp=False)
         if scorer is None:  # the reference images of an image-caption set come at the targets' size
             reference = None
             if config.data.dataset == "image_captions":
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (config_lib.ConfigError, FileNotFoundError, ValueError) as err:
+    except (config_lib.ConfigError, FileNotFoundError, ValueError, NonFiniteError) as err:
         sys.exit(f"distill {args.command}: {err}")
 
 

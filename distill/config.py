@@ -79,8 +79,13 @@ class R1Config:
         "none", "regulariser of the discriminator: none, approximated R1 (APT), exact R1 on real inputs, or R2 on generated "
         "inputs (R3GAN)"
     )
-    weight: float = _field(1.0, "weight of the R1 term in the critic loss (gamma / 2 for exact R1)")
-    sigma: float = _field(0.01, "std of the Gaussian perturbation of real inputs for approximated R1")
+    weight: float = _field(
+        1.0, "weight (gamma / 2) of the regulariser in the critic loss. Every kind penalises the same quantity, the mean "
+        "over the discriminator's logits of each logit's squared input gradient, so one weight means the same for every "
+        "regulariser and every head (one logit or hundreds of tokens); see distill/losses/r1.py")
+    sigma: float = _field(
+        0.01, "std of the Gaussian perturbation of real inputs for approximated R1 (its penalty is the mean squared "
+        "change of the logits divided by sigma^2)")
 
 
 @dataclass
@@ -176,6 +181,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = _field(1, "micro-batches per optimizer step, for both optimizers")
     mixed_precision: Literal["no", "fp16", "bf16"] = _field("no", "mixed precision, through Accelerate")
     max_grad_norm: float = _field(1.0, "gradient clipping norm for student and critic (0 disables)")
+    max_nonfinite_steps: int = _field(
+        5, "an update whose loss or gradient is not finite is skipped (no weight moves) and counted; after this many "
+        "student steps in a row with a skipped update the run stops, its last checkpoint intact"
+    )
     gradient_checkpointing: bool = _field(
         False, "recompute the student's and fake score's activations in the backward pass (less memory, ~30% slower)"
     )
@@ -428,6 +437,7 @@ def validate(config: Config, source: str) -> None:
         "train.checkpoint_every": config.train.checkpoint_every,
         "train.keep_checkpoints": config.train.keep_checkpoints,
         "train.log_every": config.train.log_every,
+        "train.max_nonfinite_steps": config.train.max_nonfinite_steps,
         "method.fake_score_updates": config.method.fake_score_updates,
         "optim.student.lr": config.optim.student.lr,
         "optim.critic.lr": config.optim.critic.lr,

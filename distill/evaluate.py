@@ -30,7 +30,7 @@ from distill.features import extract, load_classifier, load_extractor
 
 # (num, seed) -> (images [0, 1], labels): class labels [num] (class-conditional), the prompts
 # (text-conditioned: a list of num strings) or None (unconditional)
-Generate = Callable[[int, int], tuple[Tensor, "Tensor | list[str] | None"]]
+Generate = Callable[..., tuple[Tensor, "Tensor | list[str] | None"]]  # (num, seed, clamp=True)
 BASELINE_STEPS = (1, 2, 4, 8, 25, 50)
 
 
@@ -110,9 +110,12 @@ class Scorer:
 
     @torch.no_grad()
     def __call__(self, images: Tensor, labels: "Tensor | list[str] | None") -> dict[str, float]:
-        """Scores of ``images`` [N, C, H, W] in [0, 1]; ``labels``: their class labels [N], or
-        their prompts (N strings) for the CLIP score, or None."""
-        scores: dict[str, float] = {}
+        """Scores of ``images`` [N, C, H, W] on the [0, 1] scale; ``labels``: their class labels [N],
+        or their prompts (N strings) for the CLIP score, or None. ``out_of_range`` is the
+        fraction of pixel values outside [0, 1] (outside [-1, 1] in the model's scale) before
+        the images are clamped, as pipelines clamp them, for every other score."""
+        scores: dict[str, float] = {"out_of_range": float(((images < 0) | (images > 1)).float().mean())}
+        images = images.clamp(0, 1)
         for name, extractor in self.extractors.items():
             real, fake = self.references[name], extract(extractor, images, self.batch_size)
             scores[f"fd_{name}"] = metrics.frechet_distance(real, fake)
@@ -130,7 +133,8 @@ class Scorer:
 # ---------------------------------------------------------------------------- targets
 @dataclass
 class Target:
-    """Something that draws images: ``generate(num, seed) -> (images [0, 1], labels)``."""
+    """Something that draws images: ``generate(num, seed, clamp=True) -> (images [0, 1], labels)``
+    (``clamp=False``: on the [0, 1] scale, values outside it kept)."""
 
     name: str
     steps: int
@@ -168,12 +172,13 @@ class _Scheduler:
 
 @torch.no_grad()
 def draw(teacher, sample_x0: Callable, num: int, seed: int, batch_size: int, device,
-         prompts: list[str] | None = None) -> tuple[Tensor, "Tensor | list[str] | None"]:
-    """Images in [0, 1] [num, C, H, W] and what they were conditioned on, in batches:
+         prompts: list[str] | None = None, clamp: bool = True) -> tuple[Tensor, "Tensor | list[str] | None"]:
+    """Images [num, C, H, W] in [0, 1] and what they were conditioned on, in batches:
     ``prompts`` (cycled to ``num``) for a text-conditioned teacher, else balanced class labels
     (or None, unconditional); ``sample_x0(noise, cond, generator) -> x0``. The initial noise
     and every later draw come from one CPU generator seeded with ``seed``, in the order
-    diffusers' loops draw them."""
+    diffusers' loops draw them. ``clamp=False`` keeps the values outside [0, 1] that the sampler
+    produced (``Scorer`` counts them, then clamps as the pipelines do)."""
     generator = torch.Generator().manual_seed(seed)
     if prompts is not None:
         if not prompts:
@@ -190,7 +195,7 @@ def draw(teacher, sample_x0: Callable, num: int, seed: int, batch_size: int, dev
             cond = teacher.condition({"class_label": labels[start : start + n]}) if labels is not None else {}
         cond = {k: v.to(device) for k, v in cond.items()}
         noise = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
-        chunks.append(teacher.decode(sample_x0(noise, cond, generator)).float().cpu())
+        chunks.append(teacher.decode(sample_x0(noise, cond, generator), clamp=clamp).float().cpu())
     return torch.cat(chunks), labels
 
 
@@ -201,7 +206,7 @@ def pipeline_generate(teacher, scheduler_class, steps: int, *, guidance_scale: f
     def sample_x0(noise: Tensor, cond: dict, generator: torch.Generator) -> Tensor:
         return sample_teacher(teacher, scheduler_class, steps, noise, cond, guidance_scale, generator)
 
-    return lambda num, seed: draw(teacher, sample_x0, num, seed, batch_size, device, prompts)
+    return lambda num, seed, clamp=True: draw(teacher, sample_x0, num, seed, batch_size, device, prompts, clamp)
 
 
 def teacher_target(path: str, solver: str, steps: int, *, guidance_scale: float = 1.0, batch_size: int = 500,
@@ -263,8 +268,8 @@ def run_target(run_dir: str | Path, checkpoint: str = "latest", steps: int | Non
     timesteps = run.student.timesteps[: steps or None]
     sampler = FewStepSampler(timesteps, teacher.schedule)
 
-    def generate(num: int, seed: int):
-        return generate_student(teacher, student, sampler, num, seed, batch_size, device, prompts)
+    def generate(num: int, seed: int, clamp: bool = True):
+        return generate_student(teacher, student, sampler, num, seed, batch_size, device, prompts, clamp)
 
     name = f"student {Path(run_dir).name} ({ckpt.name}), {len(sampler)} step{'s' * (len(sampler) > 1)}"
     return Target(name, len(sampler), generate), config
@@ -307,6 +312,7 @@ COLUMNS = [  # (metrics key, header, format)
     ("precision_{space}", "precision ↑", "{:.3f}"),
     ("recall_{space}", "recall ↑", "{:.3f}"),
     ("class_accuracy", "class acc. ↑", "{:.3f}"),
+    ("out_of_range", "outside [-1, 1] ↓", "{:.1%}"),
     ("clip_score", "CLIP score ↑", "{:.2f}"),
     ("latency_ms", "latency ms ↓", "{:.1f}"),
     ("seconds_per_1000", "s / 1,000 ↓", "{:.2f}"),

@@ -110,10 +110,10 @@ def few_step_scheduler(teacher_scheduler_config: dict, timesteps: list[int]) -> 
     last one (e.g. 1000, 750, 500, 250), or spaced as a shift bends them."""
     n = len(timesteps)
     try:
-        flow = isinstance(schedule_from_config(teacher_scheduler_config), FlowSchedule)
+        schedule = schedule_from_config(teacher_scheduler_config)
     except ValueError:  # no or an unknown _class_name: left to the DDPM-family schedulers below, as before
-        flow = False
-    if flow:
+        schedule = None
+    if isinstance(schedule, FlowSchedule):
         scheduler = _flow_few_step_scheduler(teacher_scheduler_config, list(timesteps))
         if scheduler is not None:
             return scheduler
@@ -126,7 +126,10 @@ def few_step_scheduler(teacher_scheduler_config: dict, timesteps: list[int]) -> 
             f"no stock FlowMatchEulerDiscreteScheduler reproduces the timesteps {list(timesteps)} from set_timesteps({n}): "
             f"a flow student's first timestep is {num_train} (pure noise); {hint}"
         )
-    common = dict(clip_sample=False, thresholding=False)
+    # each x0 is clipped / thresholded as the teacher's scheduler does it (schedules.clip_x0)
+    clip = schedule.clip_sample_range if schedule is not None else None
+    common = dict(clip_sample=clip is not None, clip_sample_range=clip or 1.0,
+                  thresholding=schedule is not None and schedule.thresholding is not None)
     lcm = LCMScheduler.from_config(
         _accepted(LCMScheduler, teacher_scheduler_config),
         original_inference_steps=n,

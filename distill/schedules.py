@@ -128,15 +128,35 @@ class _Schedule:
 class DDPMSchedule(_Schedule):
     """Discrete variance-preserving schedule: alpha_t^2 = alphas_cumprod[t], sigma_t^2 = 1 - alphas_cumprod[t].
 
-    Timesteps are integers: float timesteps are truncated (``t.long()``) and clamped to [0, T - 1]."""
+    Timesteps are integers: float timesteps are truncated (``t.long()``) and clamped to [0, T - 1].
+    ``clip_sample_range`` / ``thresholding``: what the checkpoint's scheduler does to each x0
+    estimate while sampling (``clip_x0``)."""
 
     valid_prediction_types = ("epsilon", "v_prediction", "sample")
 
-    def __init__(self, alphas_cumprod: Tensor, prediction_type: str = "epsilon"):
+    def __init__(self, alphas_cumprod: Tensor, prediction_type: str = "epsilon", *,
+                 clip_sample_range: float | None = None, thresholding: tuple[float, float] | None = None):
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
         self.num_train_timesteps = len(self.alphas_cumprod)
         self.prediction_type = prediction_type
         self._check(prediction_type)
+        self.clip_sample_range = clip_sample_range
+        self.thresholding = thresholding  # (dynamic_thresholding_ratio, sample_max_value)
+
+    def clip_x0(self, x0: Tensor) -> Tensor:
+        """An x0 estimate [B, ...] as the checkpoint's DDPM-family scheduler treats it while
+        sampling: dynamic thresholding (Saharia et al. 2022, §2.3: per sample, s = the ratio's
+        quantile of |x0|, at least 1 and at most sample_max_value; clamp to [-s, s], divide by s)
+        when its config sets ``thresholding``, else clamped to ``clip_sample_range`` when it sets
+        ``clip_sample`` (DDPMScheduler's default), else unchanged."""
+        if self.thresholding is not None:
+            ratio, max_value = self.thresholding
+            flat = x0.float().flatten(1)
+            s = torch.quantile(flat.abs(), ratio, dim=1).clamp(1.0, max_value).view(-1, *([1] * (x0.ndim - 1)))
+            return (torch.maximum(torch.minimum(x0.float(), s), -s) / s).to(x0.dtype)
+        if self.clip_sample_range is not None:
+            return x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        return x0
 
     def _alpha_sigma64(self, t: Tensor) -> tuple[Tensor, Tensor]:
         acp = self.alphas_cumprod[t.long().clamp(0, self.num_train_timesteps - 1)]
@@ -167,6 +187,10 @@ class FlowSchedule(_Schedule):
     def _alpha_sigma64(self, t: Tensor) -> tuple[Tensor, Tensor]:
         sigma = t.to(torch.float64) / self.num_train_timesteps
         return 1 - sigma, sigma
+
+    def clip_x0(self, x0: Tensor) -> Tensor:
+        """Flow-matching schedulers leave x0 estimates as they are."""
+        return x0
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None, t_min: float | None = None,
                          t_max: float | None = None, device: torch.device | str | None = None) -> Tensor:
@@ -219,4 +243,15 @@ def schedule_from_config(config: dict) -> DDPMSchedule | FlowSchedule:
         alphas_cumprod = ddpm.alphas_cumprod
     except NotImplementedError:
         alphas_cumprod = own.alphas_cumprod
-    return DDPMSchedule(alphas_cumprod, config.get("prediction_type") or "epsilon")
+    # the DDPM-family defaults: clip_sample is on unless the config turns it off (DDPMScheduler, DDIMScheduler)
+    thresholding = ((config.get("dynamic_thresholding_ratio", 0.995), config.get("sample_max_value", 1.0))
+                    if config.get("thresholding") else None)
+    clip = config.get("clip_sample_range", 1.0) if config.get("clip_sample", _clips_by_default(cls)) else None
+    return DDPMSchedule(alphas_cumprod, config.get("prediction_type") or "epsilon", clip_sample_range=clip,
+                        thresholding=thresholding)
+
+
+def _clips_by_default(cls: type) -> bool:
+    """Whether scheduler class ``cls`` clips x0 when its config does not say (DDPM / DDIM: yes)."""
+    parameter = inspect.signature(cls.__init__).parameters.get("clip_sample")
+    return bool(parameter.default) if parameter is not None else False

@@ -60,19 +60,23 @@ class FewStepSampler:
 
     def simulate(self, x0_fn: X0Fn, noise: Tensor, steps: int, generator: torch.Generator | None) -> Tensor:
         """Run the first ``steps`` steps without gradient; return the input of step ``steps``
-        (``noise`` itself when ``steps == 0``): the backward simulation of DMD2 §4.5."""
+        (``noise`` itself when ``steps == 0``): the backward simulation of DMD2 §4.5. Each x0 is
+        treated as the checkpoint's scheduler treats it (``schedule.clip_x0``) before re-noising,
+        as the exported scheduler does."""
         x_t = noise
         with torch.no_grad():
             for i in range(steps):
-                x_t = self.renoise(x0_fn(x_t, self.timestep(i, x_t)), i + 1, generator)
+                x0 = self.schedule.clip_x0(x0_fn(x_t, self.timestep(i, x_t)))
+                x_t = self.renoise(x0, i + 1, generator)
         return x_t
 
     @torch.no_grad()
     def sample(self, x0_fn: X0Fn, noise: Tensor, generator: torch.Generator | None, num_steps: int | None = None) -> Tensor:
-        """x0 after ``num_steps`` (default: all) student steps from ``noise`` [B, C, H, W]."""
+        """x0 after ``num_steps`` (default: all) student steps from ``noise`` [B, C, H, W], clipped
+        as the checkpoint's scheduler clips it (``schedule.clip_x0``)."""
         steps = len(self.timesteps) if num_steps is None else num_steps
         x_t = self.simulate(x0_fn, noise, steps - 1, generator)
-        return x0_fn(x_t, self.timestep(steps - 1, x_t))
+        return self.schedule.clip_x0(x0_fn(x_t, self.timestep(steps - 1, x_t)))
 
 
 # ------------------------------------------------------------------------------------------ roles

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from distill import config as config_lib
+from distill.errors import NonFiniteError
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -30,5 +31,5 @@ def main(argv: list[str] | None = None) -> dict | None:
 if __name__ == "__main__":
     try:
         main()
-    except config_lib.ConfigError as err:
+    except (config_lib.ConfigError, NonFiniteError) as err:
         sys.exit(f"distill: {err}")

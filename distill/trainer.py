@@ -38,6 +38,7 @@ from distill import config as config_lib
 from distill.config import Config
 from distill.data import EpochSampler, cached_dataset, collate, image_reference_set, make_dataset, step_generator
 from distill.discriminators import Discriminator, Heads
+from distill.errors import NonFiniteError
 from distill.evaluate import Scorer, draw
 from distill.methods import ADD, DMD2, Critic
 from distill.methods.common import to_device
@@ -55,13 +56,19 @@ class TrainState:
     def __init__(self):
         self.step = 0
         self.elapsed_seconds = 0.0
+        self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient, over the run
+        self.nonfinite_streak = 0  # student steps in a row with a skipped update
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "elapsed_seconds": self.elapsed_seconds}
+        return {"step": self.step, "elapsed_seconds": self.elapsed_seconds, "skipped_updates": self.skipped_updates,
+                "nonfinite_streak": self.nonfinite_streak}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.elapsed_seconds = float(state["elapsed_seconds"])
+        # checkpoints written before the non-finite guard have neither count
+        self.skipped_updates = int(state.get("skipped_updates", 0))
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
 
 
 def find_checkpoint(output_dir: str | Path, which: str = "latest") -> Path:
@@ -236,10 +243,14 @@ class DistillTrainer:
     def micro_batches_per_step(self) -> int:
         return (self.config.method.fake_score_updates + 1) * self.config.train.gradient_accumulation_steps
 
-    def _update(self, model, optimizer, lr_schedule, loss_fn, first_micro_batch: int) -> dict:
-        """One optimizer update of ``model`` over ``gradient_accumulation_steps`` micro-batches."""
+    def _update(self, model, optimizer, lr_schedule, loss_fn, first_micro_batch: int) -> tuple[dict, bool]:
+        """One optimizer update of ``model`` over ``gradient_accumulation_steps`` micro-batches:
+        (logs, whether it was applied). An update whose loss or gradient norm is not finite on
+        any process is skipped on every process: gradients dropped, no weight, optimizer or
+        learning-rate state moves."""
         accumulation = self.config.train.gradient_accumulation_steps
         logs: dict[str, torch.Tensor] = {}
+        finite = torch.ones((), device=self.device)
         for micro in range(accumulation):
             index = first_micro_batch + micro
             batch = collate(self.dataset, self.data_order.batch(index))
@@ -247,44 +258,72 @@ class DistillTrainer:
             sync = nullcontext() if micro == accumulation - 1 else self.accelerator.no_sync(model)
             with sync, self.accelerator.autocast():
                 loss, micro_logs = loss_fn(batch, generator)
+            finite = finite * torch.isfinite(loss.detach()).all()
             self.accelerator.backward(loss / accumulation)
             for key, value in micro_logs.items():
                 logs[key] = logs.get(key, 0.0) + value.float() / accumulation
+        parameters = [p for p in trainable_parameters(model) if p.grad is not None]
         if self.config.train.max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(trainable_parameters(model), self.config.train.max_grad_norm)
-            logs["grad_norm"] = torch.as_tensor(norm).detach().float()
-        optimizer.step()
-        lr_schedule.step()
+            norm = self.accelerator.clip_grad_norm_(parameters, self.config.train.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        logs["grad_norm"] = torch.as_tensor(norm).detach().float()
+        finite = finite * torch.isfinite(logs["grad_norm"].to(self.device))
+        applied = bool(self.accelerator.reduce(finite.float(), reduction="sum") == self.accelerator.num_processes)
+        if applied:
+            optimizer.step()
+            lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        return logs
+        return logs, applied
 
     def _train_step(self, step: int) -> dict:
         student, critic = self.accelerator.unwrap_model(self.student), self.accelerator.unwrap_model(self.critic)
         base = step * self.micro_batches_per_step
         accumulation = self.config.train.gradient_accumulation_steps
-        logs = {}
+        logs, skipped = {}, 0
         set_trainable(critic, True)
         for update in range(self.config.method.fake_score_updates):
-            logs = self._update(
+            logs, applied = self._update(
                 self.critic,
                 self.optimizer_c,
                 self.lr_c,
                 lambda batch, g: self.method.critic_loss(student, self.critic, batch, g, self.device),
                 base + update * accumulation,
             )
+            skipped += not applied
         logs = {f"critic/{k}": v for k, v in logs.items()}
         set_trainable(critic, False)
-        generator_logs = self._update(
+        generator_logs, applied = self._update(
             self.student,
             self.optimizer_s,
             self.lr_s,
             lambda batch, g: self.method.generator_loss(self.student, critic, batch, g, self.device),
             base + self.config.method.fake_score_updates * accumulation,
         )
+        skipped += not applied
         logs.update({f"generator/{k}": v for k, v in generator_logs.items()})
-        if self.ema is not None:
+        if self.ema is not None and applied:
             self.ema.step(trainable_parameters(student))
+        self._count_nonfinite(step, skipped, logs)
         return logs
+
+    def _count_nonfinite(self, step: int, skipped: int, logs: dict) -> None:
+        """Count the step's skipped updates; stop after ``train.max_nonfinite_steps`` steps in a
+        row with one, naming the step and its losses (the weights never took the bad update,
+        so the last checkpoint is as good as it was)."""
+        state = self.state
+        state.skipped_updates += skipped
+        state.nonfinite_streak = state.nonfinite_streak + 1 if skipped else 0
+        logs["train/skipped_updates"] = torch.tensor(float(state.skipped_updates))
+        if skipped:
+            losses = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(logs.items()) if k.endswith("_loss") or "grad_norm" in k)
+            self.accelerator.print(f"step {step + 1}: {skipped} update(s) skipped, a loss or gradient was not finite ({losses})")
+        if state.nonfinite_streak >= self.config.train.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"stopped at step {step + 1}: {state.nonfinite_streak} student steps in a row had a non-finite loss or gradient "
+                f"(train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}); last losses: {losses}. No bad update "
+                f"reached the weights; the last checkpoint in {self.output_dir / 'checkpoints'} loads and resumes. Lower the "
+                "learning rates or train.max_grad_norm, or look for NaNs in the data")
 
     def train(self) -> dict | None:
         cfg = self.config
@@ -388,11 +427,12 @@ class DistillTrainer:
                 shutil.rmtree(best)  # chosen among lost steps; the resumed run chooses again
 
     # ---------------------------------------------------------------------- samples and scores
-    def generate(self, student: torch.nn.Module, num: int, seed: int) -> tuple[torch.Tensor, "torch.Tensor | list[str] | None"]:
+    def generate(self, student: torch.nn.Module, num: int, seed: int,
+                 clamp: bool = True) -> tuple[torch.Tensor, "torch.Tensor | list[str] | None"]:
         """``num`` samples (images in [0, 1]) with balanced class labels or the data's prompts,
         from a fixed seed."""
         return generate(self.teacher, student, self.sampler, num, seed, self.config.eval.batch_size, self.device,
-                        getattr(self.raw_dataset, "prompts", None))
+                        getattr(self.raw_dataset, "prompts", None), clamp)
 
     def write_samples(self, step: int) -> None:
         if not self.accelerator.is_main_process:
@@ -410,7 +450,7 @@ class DistillTrainer:
             self._scorer = scorer_from_config(self.config.eval, self.config.data.dataset, self.device,
                                               reference=eval_reference(self.raw_dataset, self.config.eval))
         student = self.eval_student()
-        images, labels = self.generate(student, num_samples, seed=self.config.seed + 1)
+        images, labels = self.generate(student, num_samples, seed=self.config.seed + 1, clamp=False)
         return self._scorer(images, labels), student
 
     @property
@@ -485,14 +525,14 @@ def teacher_identity(t: config_lib.TeacherConfig, image_size) -> str:
 
 
 def generate(teacher, student, sampler: FewStepSampler, num: int, seed: int, batch_size: int, device,
-             prompts: list[str] | None = None) -> tuple[torch.Tensor, "torch.Tensor | list[str] | None"]:
+             prompts: list[str] | None = None, clamp: bool = True) -> tuple[torch.Tensor, "torch.Tensor | list[str] | None"]:
     """Images in [0, 1] [num, C, H, W] from the student's few-step sampler, and their class
     labels (balanced) or prompts, drawn with one CPU generator seeded with ``seed``."""
 
     def sample_x0(noise, cond, generator):
         return sampler.sample(lambda x_t, t: teacher.x0(student, x_t, t, cond), noise, generator)
 
-    return draw(teacher, sample_x0, num, seed, batch_size, device, prompts)
+    return draw(teacher, sample_x0, num, seed, batch_size, device, prompts, clamp)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -62,11 +62,11 @@ def main() -> None:
     for steps in [int(s) for s in args.teacher_steps.split(",")]:
         for solver in evaluate.SOLVER_NAMES:
             target = evaluate.teacher_target(args.teacher, solver, steps, batch_size=args.batch)
-            add(target, target.name, *target.generate(args.num, args.seed))
+            add(target, target.name, *target.generate(args.num, args.seed, clamp=False))
     for spec in args.run:
         run, _, checkpoint = spec.partition(":")
         target, _ = evaluate.run_target(run, checkpoint or "latest", batch_size=args.batch)
-        add(target, target.name, *target.generate(args.num, args.seed))
+        add(target, target.name, *target.generate(args.num, args.seed, clamp=False))
 
     header = (
         f"{args.num} samples per row (seed {args.seed}, balanced labels); reference: the 1,437 training digits in the "

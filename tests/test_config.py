@@ -329,7 +329,7 @@ def test_describe_covers_every_leaf_key():
     assert rows["student.timesteps"][1] == [500]
     assert all(help for help, _ in rows.values())
     assert "teacher" not in rows  # sections are not leaves
-    assert len(rows) == 73
+    assert len(rows) == 74
 
 
 def test_describe_reports_the_real_defaults():

@@ -257,3 +257,18 @@ def test_distill_eval_rejects_bad_settings_before_sampling(scored_run, tmp_path)
         cli(["eval", str(scored_run), "--features", "[fid]", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="neither a run directory"):
         cli(["eval", str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+def test_scorer_counts_pixels_outside_the_range_then_clamps(tmp_path):
+    from distill.data import reference_set
+
+    _, images, labels = reference_set("digits")
+    scorer = _scorer(REPO / "models" / "digits-classifier", tmp_path)
+    spilled = images.clone()
+    spilled[:, :, :2] = -0.25  # the top two of 8 rows below 0 (below -1 in the model's scale)
+    spilled[:10, :, -1] = 1.5  # and one row of 10 images above 1
+    scores = scorer(spilled, labels)
+    assert scores["out_of_range"] == pytest.approx(2 / 8 + 10 / 1437 / 8)
+    clamped = scorer(spilled.clamp(0, 1), labels)
+    assert clamped["out_of_range"] == 0.0 and clamped["fd_classifier"] == pytest.approx(scores["fd_classifier"])
+    assert scorer(images, labels)["out_of_range"] == 0.0

@@ -274,3 +274,52 @@ def test_approximated_r1_converges_to_exact_r1():
         errors[sigma] = abs(approx.item() - exact) / exact
     assert errors[1e-3] < 0.05, errors
     assert errors[1e-3] < errors[0.3], errors
+
+
+def test_r1_conventions_agree_on_a_linear_discriminator_of_k_logits():
+    """D_k(x) = w_k . x with K non-parallel w_k: both penalties' expectation is known in closed
+    form, mean_k |w_k|^2, whereas |grad sum_k D_k|^2 = |sum_k w_k|^2 is another number."""
+    from distill.losses import projection_signs
+
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 1.0], [-1.0, 1.0, 0.0], [2.0, 2.0, -2.0]], dtype=torch.float64)
+    expected = float(weights.pow(2).sum(1).mean())  # (5 + 10 + 2 + 12) / 4 = 7.25
+    assert expected == pytest.approx(7.25)
+    assert float(weights.sum(0).pow(2).sum()) == pytest.approx(41.0)  # the summed-logit convention differs
+
+    n, sigma = 40000, 0.01
+    x = torch.randn(n, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    logits = x @ weights.T  # [n, K]
+    exact, logs = r1_penalty(logits, x, projection_signs(logits, gen))
+    assert exact.item() == pytest.approx(expected, rel=0.03)
+    assert logs["r1_penalty"].item() == pytest.approx(exact.item())
+    noise = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    approx, _ = approximated_r1_penalty(logits, (x + sigma * noise) @ weights.T, sigma)
+    assert approx.item() == pytest.approx(expected, rel=0.03)
+    with pytest.raises(ValueError, match="projection_signs"):
+        r1_penalty(logits, x)  # several logits and no signs: refuse rather than silently sum
+
+
+def test_discriminator_logs_accuracy_and_logit_gap():
+    real = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    fake = torch.tensor([[-1.0, -2.0], [1.0, -0.5]])
+    _, logs = discriminator_adversarial_loss(real, fake, kind="hinge")
+    assert logs["logits_real"].item() == pytest.approx(1.125)
+    assert logs["logits_fake"].item() == pytest.approx(-0.625)
+    assert logs["logit_gap"].item() == pytest.approx(1.75)
+    assert logs["d_accuracy"].item() == pytest.approx((3 / 4 + 3 / 4) / 2)  # 3 of 4 real > 0, 3 of 4 fake < 0
+    _, logs = discriminator_adversarial_loss(real, fake, kind="relativistic")
+    assert logs["d_accuracy"].item() == pytest.approx(3 / 4)  # 2 > -1, -1 > -2, 0.5 < 1, 3 > -0.5
+
+
+def test_generator_objective_has_the_terms_gradient_and_logs_their_ratio():
+    from distill.methods.common import generator_objective
+
+    x0 = torch.tensor([[3.0, 4.0], [0.0, 1.0]], requires_grad=True)
+    terms = {"dmd": 0.5 * (x0**2).sum(), "gan": (2 * x0).sum()}  # gradients x0 and 2 everywhere
+    loss, logs = generator_objective(x0, terms)
+    loss.backward()
+    torch.testing.assert_close(x0.grad, x0.detach() + 2)
+    assert logs["grad_dmd"].item() == pytest.approx((5.0 + 1.0) / 2)  # per-sample norms 5 and 1
+    assert logs["grad_gan"].item() == pytest.approx(math.sqrt(8))
+    assert logs["gan_grad_ratio"].item() == pytest.approx(4.0 / math.sqrt(26))  # |2 * ones| / |x0|

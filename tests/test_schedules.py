@@ -219,3 +219,20 @@ def test_flow_sample_timesteps():
     tr = draw(3.0, t_min=200.0, t_max=400.0)
     assert 200.0 <= tr.min().item() and tr.max().item() <= 400.0 and tr.max() - tr.min() > 190.0
     torch.testing.assert_close(draw(3.0), draw(3.0))
+
+
+def test_clip_x0_follows_the_scheduler_config():
+    x0 = torch.linspace(-3, 3, 2 * 64).reshape(2, 1, 8, 8)
+    clipping = schedule_from_config(dict(DDPMScheduler().config, _class_name="DDPMScheduler"))  # clip_sample on by default
+    assert clipping.clip_x0(x0).min() == -1.0 and clipping.clip_x0(x0).max() == 1.0
+    wide = schedule_from_config(dict(DDPMScheduler(clip_sample_range=2.0).config, _class_name="DDPMScheduler"))
+    assert wide.clip_x0(x0).abs().max() == 2.0
+    off = schedule_from_config(dict(DDPMScheduler(clip_sample=False).config, _class_name="DDPMScheduler"))
+    assert torch.equal(off.clip_x0(x0), x0)
+    euler = schedule_from_config({"_class_name": "EulerDiscreteScheduler"})  # a class without clip_sample
+    assert torch.equal(euler.clip_x0(x0), x0)
+    flow = schedule_from_config({"_class_name": "FlowMatchEulerDiscreteScheduler"})
+    assert torch.equal(flow.clip_x0(x0), x0)
+    stock = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)
+    thresholding = schedule_from_config(dict(stock.config, _class_name="DDPMScheduler"))
+    torch.testing.assert_close(thresholding.clip_x0(x0), stock._threshold_sample(x0))

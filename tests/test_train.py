@@ -5,6 +5,7 @@ multi-process launch works."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -173,3 +174,49 @@ def test_killed_run_resumes_from_its_last_good_checkpoint(tiny_teacher, tmp_path
     for ra, rb in zip(a, b):
         for key in ra:
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+
+
+def _nan_generator_loss_at(monkeypatch, bad_steps: set[int]):
+    """Make DMD2's generator loss NaN at the given (1-based) student steps."""
+    from distill.methods import DMD2
+
+    original, calls = DMD2.generator_loss, []
+
+    def generator_loss(self, *args, **kwargs):
+        calls.append(1)
+        loss, logs = original(self, *args, **kwargs)
+        return (loss * float("nan"), logs) if len(calls) in bad_steps else (loss, logs)
+
+    monkeypatch.setattr(DMD2, "generator_loss", generator_loss)
+
+
+def test_a_nonfinite_update_is_skipped_and_counted(tiny_teacher, tmp_path, monkeypatch):
+    _nan_generator_loss_at(monkeypatch, {2})
+    run = tmp_path / "run"
+    extra = {"train.max_steps": 3, "train.sample_every": 0, "train.ema_decay": 0, "train.checkpoint_every": 1,
+             "train.keep_checkpoints": 3}
+    train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, None, run, **extra)])
+    rows = _losses(run)
+    assert [r["train/skipped_updates"] for r in rows] == [0, 1, 1]
+    assert math.isnan(rows[1]["generator/grad_norm"])
+    step1, step2, step3 = (_weights(run / "checkpoints" / f"step-00000{i}" / "student" / "diffusion_pytorch_model.safetensors")
+                           for i in (1, 2, 3))
+    assert all(torch.equal(step1[k], step2[k]) for k in step1)  # the NaN update moved nothing
+    assert any(not torch.equal(step2[k], step3[k]) for k in step2)  # and the next one trained again
+    assert all(torch.isfinite(v).all() for v in step3.values())
+
+
+def test_a_run_of_nonfinite_steps_stops_with_the_step_named_and_the_checkpoint_intact(tiny_teacher, tmp_path, monkeypatch):
+    _nan_generator_loss_at(monkeypatch, {3, 4, 5})
+    run = tmp_path / "run"
+    extra = {"train.max_steps": 6, "train.sample_every": 0, "train.checkpoint_every": 2, "train.max_nonfinite_steps": 2}
+    from distill.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"stopped at step 4: 2 student steps in a row .* generator/grad_norm=nan"):
+        train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, None, run, **extra)])
+    survivor = find_checkpoint(run)
+    assert survivor.name == "step-000002"
+    assert all(torch.isfinite(v).all() for v in _weights(survivor / "student" / "diffusion_pytorch_model.safetensors").values())
+    monkeypatch.undo()
+    train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, None, run, **extra), "resume=latest"])
+    assert [r["step"] for r in _losses(run)] == [1, 2, 3, 4, 5, 6]

@@ -11,7 +11,7 @@ from distill.losses.adversarial import (
 )
 from distill.losses.distillation import DISTILL_WEIGHTINGS, distillation_weight, score_distillation_loss
 from distill.losses.dmd import denoising_loss, dmd_loss
-from distill.losses.r1 import REGULARISERS, approximated_r1_penalty, discriminator_penalty, r1_penalty, r2_penalty
+from distill.losses.r1 import REGULARISERS, approximated_r1_penalty, discriminator_penalty, projection_signs, r1_penalty, r2_penalty
 
 __all__ = [
     "ADVERSARIAL_LOSSES",
@@ -24,6 +24,7 @@ __all__ = [
     "distillation_weight",
     "dmd_loss",
     "generator_adversarial_loss",
+    "projection_signs",
     "r1_penalty",
     "r2_penalty",
     "score_distillation_loss",

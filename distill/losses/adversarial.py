@@ -78,7 +78,9 @@ def discriminator_adversarial_loss(
             ``hinge``: ``mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))``;
             ``relativistic``: ``mean(softplus(-(D(real) - D(fake))))`` (R3GAN eq. 2).
 
-    Logs: ``gan_d_loss``, ``logits_real``, ``logits_fake`` (means).
+    Logs: ``gan_d_loss``, ``logits_real``, ``logits_fake`` (the means of D(real) and D(fake)),
+    ``logit_gap`` (their difference), ``d_accuracy`` (the fraction of entries the discriminator
+    gets right: D(real) > 0 and D(fake) < 0; for ``relativistic``, D(real) > D(fake) pairwise).
     """
     _check_kind(kind)
     real = real_logits.float()
@@ -90,9 +92,16 @@ def discriminator_adversarial_loss(
     else:
         _check_pair(real_logits, fake_logits)
         loss = F.softplus(-(real - fake)).mean()
+    with torch.no_grad():
+        if kind == "relativistic":
+            accuracy = (real > fake).float().mean()
+        else:
+            accuracy = ((real > 0).float().mean() + (fake < 0).float().mean()) / 2
     logs: Logs = {
         "gan_d_loss": loss.detach(),
         "logits_real": real.detach().mean(),
         "logits_fake": fake.detach().mean(),
+        "logit_gap": (real.detach().mean() - fake.detach().mean()),
+        "d_accuracy": accuracy,
     }
     return loss, logs

@@ -12,7 +12,10 @@ DISTILL_WEIGHTINGS = ("exponential", "sds", "constant")
 def distillation_weight(kind: str, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """c(t) of ADD's distillation loss for x_t = alpha_t x0 + sigma_t eps, per sample [B].
 
-    ``exponential``: c(t) = alpha_t (ADD §3.2; alpha_t falls roughly exponentially in t);
+    ``exponential``: c(t) = alpha_t (ADD §3.2, "higher noise levels contribute less"). ADD writes
+    the forward process as x_s = alpha_s x0 + sigma_s eps (§3.1), so its alpha_t is the signal
+    coefficient, diffusers' sqrt(alphas_cumprod[t]) (0.279 at t = 500 on the linear schedule),
+    not alphas_cumprod[t]; it falls roughly exponentially in t;
     ``sds``: c(t) = alpha_t sigma_t, the x0 form of score distillation sampling with
     DreamFusion's w(t) = sigma_t² (its gradient w(t)(eps_hat - eps) equals
     w(t) alpha_t / sigma_t (x0 - x0_hat)); ``constant``: c(t) = 1.

@@ -1,4 +1,23 @@
-"""Gradient penalties for the discriminator: exact R1/R2 and APT's approximated R1."""
+"""Gradient penalties for the discriminator: exact R1 / R2 and APT's approximated R1.
+
+One convention for every head. A discriminator here returns K logits per sample ([B, K]:
+one per token, position or layer; [B] is K = 1), and every penalty estimates the same
+quantity, the mean over the K logits of each logit's own squared input gradient,
+
+    R(x) = (1 / K) sum_k ||grad_x D_k(x)||^2,
+
+which for K = 1 is the R1 of Mescheder et al. (2018, eq. 9). With the mean, a weight
+(gamma / 2) means the same for a single-logit head and a head of hundreds of tokens, and the
+same for the exact and the approximated penalty, so a weight found with one carries over.
+
+- exact R1 / R2 differentiate once through a random-sign projection of the logits:
+  E_v ||grad_x sum_k v_k D_k||^2 = sum_k ||grad_x D_k||^2 for independent signs v_k = +-1
+  (the cross terms average out), so ||grad_x sum_k v_k D_k||^2 / K is an unbiased estimate
+  of R(x) at the cost of one backward pass instead of K. With K = 1 it is exact.
+- approximated R1 (APT, Lin et al. 2025) needs no second backward: for n ~ N(0, I) and
+  small sigma, E_n (D_k(x + sigma n) - D_k(x))^2 = sigma^2 ||grad_x D_k(x)||^2 + O(sigma^3),
+  so mean_k (D_k(x) - D_k(x + sigma n))^2 / sigma^2 estimates R(x). It is exact for a linear D.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +26,19 @@ import torch
 Logs = dict[str, torch.Tensor]
 
 
-def _gradient_penalty(
-    logits: torch.Tensor, inputs: torch.Tensor, name: str
-) -> torch.Tensor:
+def _per_logit(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as [B, K] (a [B] tensor is K = 1)."""
+    return logits.reshape(logits.shape[0], -1)
+
+
+def projection_signs(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Independent random signs (+1 / -1) shaped like ``logits``, drawn on the CPU generator:
+    the projection ``r1_penalty`` / ``r2_penalty`` need for heads with several logits."""
+    signs = torch.randint(0, 2, tuple(logits.shape), generator=generator, dtype=torch.int8) * 2 - 1
+    return signs.to(logits.device, torch.float32)
+
+
+def _gradient_penalty(logits: torch.Tensor, inputs: torch.Tensor, signs: torch.Tensor | None, name: str) -> torch.Tensor:
     if not inputs.requires_grad:
         raise ValueError(
             f"{name}: inputs must require grad (call .requires_grad_(True) on them before "
@@ -17,42 +46,37 @@ def _gradient_penalty(
         )
     if not logits.requires_grad:
         raise ValueError(f"{name}: logits do not depend on inputs (no autograd graph)")
+    flat = _per_logit(logits).float()
+    k = flat.shape[1]
+    if k > 1 and signs is None:
+        raise ValueError(f"{name}: logits of {k} entries per sample need the random signs of projection_signs "
+                         "(the penalty is the mean over the entries of each one's squared gradient)")
+    projected = flat.sum() if signs is None else (flat * _per_logit(signs).to(flat)).sum()
     # create_graph so the penalty itself can be backpropagated into the discriminator.
-    (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
+    (grad,) = torch.autograd.grad(projected, inputs, create_graph=True)
     grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
-    return grad.pow(2).flatten(1).sum(dim=1).mean()
+    return grad.pow(2).flatten(1).sum(dim=1).mean() / k
 
 
-def r1_penalty(
-    real_logits: torch.Tensor, real_inputs: torch.Tensor
-) -> tuple[torch.Tensor, Logs]:
-    """Exact R1 penalty (Mescheder et al. 2018, eq. 9), without the gamma/2 factor.
+def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor,
+               signs: torch.Tensor | None = None) -> tuple[torch.Tensor, Logs]:
+    """Exact R1 (Mescheder et al. 2018, eq. 9) without the gamma / 2 factor, in the module's
+    convention: ``mean_b (1/K) sum_k ||grad_x D_k(x_b)||^2``, estimated without bias through the
+    random-sign projection ``signs`` (``projection_signs(real_logits)``; not needed for K = 1).
 
-    Args:
-        real_logits: D(real_inputs), [B] or [B, K] (summed over K before differentiating).
-        real_inputs: real samples, [B, ...]; must require grad.
-
-    Returns ``mean_b ||grad_x D(x_b)||^2`` (float32 or wider). The caller multiplies by gamma/2.
-    Logs: ``r1_penalty``.
+    real_logits: D(real_inputs), [B] or [B, K]; real_inputs: [B, ...], requiring grad.
+    Returns a float32 (or wider) scalar. Logs: ``r1_penalty``.
     """
-    penalty = _gradient_penalty(real_logits, real_inputs, "r1_penalty")
+    penalty = _gradient_penalty(real_logits, real_inputs, signs, "r1_penalty")
     return penalty, {"r1_penalty": penalty.detach()}
 
 
-def r2_penalty(
-    fake_logits: torch.Tensor, fake_inputs: torch.Tensor
-) -> tuple[torch.Tensor, Logs]:
-    """Exact R2 penalty (R3GAN, Huang et al. 2024, eq. 4): R1 evaluated on fake samples.
-
-    Args:
-        fake_logits: D(fake_inputs), [B] or [B, K].
-        fake_inputs: generated samples, [B, ...]; must require grad (detach them from
-            the generator first).
-
-    Returns ``mean_b ||grad_x D(x_b)||^2`` (float32 or wider), without gamma/2.
-    Logs: ``r2_penalty``.
-    """
-    penalty = _gradient_penalty(fake_logits, fake_inputs, "r2_penalty")
+def r2_penalty(fake_logits: torch.Tensor, fake_inputs: torch.Tensor,
+               signs: torch.Tensor | None = None) -> tuple[torch.Tensor, Logs]:
+    """Exact R2 (R3GAN, Huang et al. 2024, eq. 4): R1 evaluated on generated samples, in the
+    same convention as ``r1_penalty``. fake_inputs must require grad (detach them from the
+    generator first). Logs: ``r2_penalty``."""
+    penalty = _gradient_penalty(fake_logits, fake_inputs, signs, "r2_penalty")
     return penalty, {"r2_penalty": penalty.detach()}
 
 
@@ -61,20 +85,17 @@ def approximated_r1_penalty(
     perturbed_logits: torch.Tensor,
     sigma: float | torch.Tensor,
 ) -> tuple[torch.Tensor, Logs]:
-    """Approximated R1 of APT (Lin et al. 2025), ``L_aR1 = ||D(x) - D(N(x, sigma^2 I))||^2``.
+    """Approximated R1 of APT (Lin et al. 2025), ``||D(x) - D(x + sigma n)||^2``, in the module's
+    convention: ``mean_b mean_k (D_k(x_b) - D_k(x_b + sigma n_b))^2 / sigma^2``, whose expectation
+    over n is ``(1/K) sum_k ||grad_x D_k(x)||^2`` as sigma -> 0 (exactly, for a linear D), the
+    quantity ``r1_penalty`` estimates: the same gamma / 2 applies to both.
 
-    Args:
-        real_logits: D(x) on real inputs, [B] or [B, K].
-        perturbed_logits: D(x + sigma * n) on the same inputs perturbed by the caller
-            with n ~ N(0, I), same shape.
-        sigma: perturbation std, a positive float, a 0-d tensor or a per-sample [B] tensor.
-
-    Returns ``mean_b ||D(x_b) - D(x_b + sigma n_b)||^2 / sigma^2`` (float32 or wider, squared
-    distance summed over K). The division by sigma^2 puts it on the scale of exact R1:
-    for small sigma and a single logit, ``E_n ||D(x + sigma n) - D(x)||^2 ≈
-    sigma^2 ||grad D(x)||^2``, so the same gamma/2 factor applies. Gradient flows
-    through both logits, as in APT. Logs: ``approx_r1_penalty`` (normalised) and
-    ``approx_r1_raw`` (unnormalised).
+    real_logits: D(x), [B] or [B, K]; perturbed_logits: D(x + sigma n) with n ~ N(0, I) drawn by
+    the caller, same shape; sigma: a positive float, a 0-d tensor or a per-sample [B] tensor.
+    Computed in float32 (or wider): the two logits nearly cancel, so compute them in float32
+    too (``methods.common.regulariser_precision`` does under mixed precision). Gradient flows
+    through both logits, as in APT. Logs: ``approx_r1_penalty`` and ``approx_r1_raw`` (the mean
+    squared difference before dividing by sigma^2).
     """
     if real_logits.shape != perturbed_logits.shape:
         raise ValueError(
@@ -83,11 +104,9 @@ def approximated_r1_penalty(
         )
     if not isinstance(sigma, torch.Tensor) and not sigma > 0:
         raise ValueError(f"approximated_r1_penalty: sigma must be positive, got {sigma}")
-    # At least float32: the two logits nearly cancel for small sigma, so half precision
-    # would drown the difference in rounding error.
     dtype = torch.promote_types(real_logits.dtype, torch.float32)
-    diff = (real_logits.to(dtype) - perturbed_logits.to(dtype)).reshape(real_logits.shape[0], -1)
-    per_sample = diff.pow(2).sum(dim=1)
+    diff = _per_logit(real_logits.to(dtype) - perturbed_logits.to(dtype))
+    per_sample = diff.pow(2).mean(dim=1)
     sigma_t = torch.as_tensor(sigma, dtype=dtype, device=per_sample.device)
     if sigma_t.ndim not in (0, 1) or (sigma_t.ndim == 1 and sigma_t.shape != per_sample.shape):
         raise ValueError(
@@ -114,14 +133,16 @@ def discriminator_penalty(
     real_inputs: torch.Tensor | None = None,
     fake_inputs: torch.Tensor | None = None,
     sigma: float = 0.0,
+    signs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Logs]:
     """The discriminator regulariser ``kind`` (one of ``REGULARISERS``) from what the caller
     computed for it: ``approximated`` needs ``perturbed_logits`` and ``sigma``, ``exact`` the
-    ``real_inputs`` that required grad, ``r2`` the ``fake_inputs`` that required grad."""
+    ``real_inputs`` that required grad, ``r2`` the ``fake_inputs`` that required grad (both with
+    ``signs`` for multi-logit heads)."""
     if kind == "approximated":
         return approximated_r1_penalty(real_logits, perturbed_logits, sigma)
     if kind == "exact":
-        return r1_penalty(real_logits, real_inputs)
+        return r1_penalty(real_logits, real_inputs, signs)
     if kind == "r2":
-        return r2_penalty(fake_logits, fake_inputs)
+        return r2_penalty(fake_logits, fake_inputs, signs)
     raise ValueError(f"unknown discriminator regulariser {kind!r}; valid: {REGULARISERS}")

@@ -25,10 +25,11 @@ from distill.losses import (
     score_distillation_loss,
 )
 from distill.methods.common import (
-    double_backward,
+    generator_objective,
     randn_like,
     regularised_inputs,
     regularised_penalty,
+    regulariser_context,
     student_x0,
     to_device,
 )
@@ -90,7 +91,7 @@ class ADD:
                 x0_real = self._augment(real_x0(self.teacher, batch), generator)
                 logits_real = critic(x0_real, t, randn_like(x0_real, generator), cond)
         loss_gan, logs = generator_adversarial_loss(logits_fake, logits_real, kind=self.gan_loss)
-        loss = self.gan_weight * loss_gan
+        terms = {"gan": self.gan_weight * loss_gan}
 
         if self.distill_weight > 0:
             t_d = self._timesteps(n, generator, device)
@@ -100,9 +101,11 @@ class ADD:
             alpha, sigma = self.schedule.alpha_sigma(t_d, ndim=1)
             weight = distillation_weight(self.distill_weighting, alpha.to(device), sigma.to(device))
             loss_distill, distill_logs = score_distillation_loss(x0_student, x0_teacher, weight)
-            loss = loss + self.distill_weight * loss_distill
+            terms["distill"] = self.distill_weight * loss_distill
             logs.update(distill_logs)
-        logs["generator_loss"] = loss.detach()
+        loss, grad_logs = generator_objective(x0_student, terms)
+        logs.update(grad_logs)
+        logs["generator_loss"] = sum(terms.values()).detach()
         logs["student_x0_abs_max"] = x0_student.detach().abs().amax()
         return loss, logs
 
@@ -118,11 +121,11 @@ class ADD:
         inputs = regularised_inputs(self.r1_kind, x0_fake, x0_real, self.r1_sigma, generator)
         if len(inputs) == 3:  # APT's perturbed real inputs keep the real inputs' timesteps and noise
             t, noise = torch.cat([t, t[n:]]), torch.cat([noise, noise[n:]])
-        with double_backward(self.r1_kind):
+        with regulariser_context(self.r1_kind, device):
             logits = critic(torch.cat(inputs), t, noise, cat_conditions([cond] * len(inputs)) if cond else {})
         loss, logs = discriminator_adversarial_loss(logits[n : 2 * n], logits[:n], kind=self.gan_loss)
         if self.r1_kind != "none":
-            penalty, penalty_logs = regularised_penalty(self.r1_kind, logits, inputs, self.r1_sigma)
+            penalty, penalty_logs = regularised_penalty(self.r1_kind, logits, inputs, self.r1_sigma, generator)
             loss = loss + self.r1_weight * penalty
             logs.update(penalty_logs)
         logs["critic_loss"] = loss.detach()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from distill.losses import discriminator_penalty
+from distill.losses import discriminator_penalty, projection_signs
 from distill.students import FewStepSampler
 from distill.teachers import Teacher, real_x0
 
@@ -52,22 +52,53 @@ def regularised_inputs(kind: str, fake: Tensor, real: Tensor, sigma: float, gene
         real = real.detach().requires_grad_(True)
     elif kind == "r2":
         fake = fake.detach().requires_grad_(True)
-    inputs = [fake, real]
+    if kind == "approximated":  # in float32: sigma * n would round away against a bfloat16 image
+        fake, real = fake.float(), real.float()
+        return [fake, real, real + sigma * randn_like(real, generator)]
+    return [fake, real]
+
+
+def regulariser_context(kind: str, device):
+    """The context of a regularised discriminator forward. Exact R1 / R2 differentiate twice,
+    and PyTorch's fused attention kernels have no double backward: attention runs in the math
+    kernel. Approximated R1 divides the difference of two nearly equal logits by sigma^2
+    (sigma = 0.01 is one to three units of bfloat16 / float16 precision): under mixed
+    precision the forward runs in float32, autocast off (frozen half-precision backbones
+    still compute in their own dtype)."""
+    if kind in ("exact", "r2"):
+        return sdpa_kernel(SDPBackend.MATH)
     if kind == "approximated":
-        inputs.append(real + sigma * randn_like(real, generator))
-    return inputs
+        return torch.autocast(torch.device(device).type, enabled=False)
+    return nullcontext()
 
 
-def double_backward(kind: str):
-    """Exact R1 / R2 differentiate twice; PyTorch's fused attention kernels have no double
-    backward, so those regularisers run attention in the math kernel."""
-    return sdpa_kernel(SDPBackend.MATH) if kind in ("exact", "r2") else nullcontext()
-
-
-def regularised_penalty(kind: str, logits: Tensor, inputs: list[Tensor], sigma: float) -> tuple[Tensor, dict]:
+def regularised_penalty(kind: str, logits: Tensor, inputs: list[Tensor], sigma: float,
+                        generator: torch.Generator) -> tuple[Tensor, dict]:
     """The penalty of ``kind`` from the logits of ``torch.cat(inputs)`` (from
-    ``regularised_inputs``): fake logits first, then real, then perturbed real."""
+    ``regularised_inputs``): fake logits first, then real, then perturbed real. Exact R1 / R2
+    draw their random-sign projection from ``generator`` (see ``distill.losses.r1``)."""
     n = len(inputs[0])
+    signs = projection_signs(logits[:n], generator) if kind in ("exact", "r2") else None
     return discriminator_penalty(
         kind, real_logits=logits[n : 2 * n], fake_logits=logits[:n], perturbed_logits=logits[2 * n :],
-        real_inputs=inputs[1], fake_inputs=inputs[0], sigma=sigma)
+        real_inputs=inputs[1], fake_inputs=inputs[0], sigma=sigma, signs=signs)
+
+
+def generator_objective(x0_student: Tensor, terms: dict[str, Tensor]) -> tuple[Tensor, dict]:
+    """The generator phase's loss to backpropagate, from its weighted ``terms`` (each a scalar
+    function of the student's output ``x0_student`` [B, ...], e.g. ``{"dmd": ..., "gan": ...}``),
+    and the gradient each term sends to that output.
+
+    Each term's gradient at x0 is taken once (through the frozen critic, not the student);
+    the returned ``sum(x0 * sg(sum of those gradients))`` has the same gradient at x0, so the
+    student's backward runs once, as it would for the sum of the terms. Logs ``grad_<name>``,
+    the mean per-sample L2 norm of each term's gradient at x0, and for a GAN term
+    ``gan_grad_ratio`` = |grad_gan| / |grad of the other terms| (both batch norms): how hard the
+    adversarial term pulls against distribution matching or distillation."""
+    grads = {name: torch.autograd.grad(term, x0_student, retain_graph=True)[0].float() for name, term in terms.items()}
+    total = sum(grads.values())
+    logs = {f"grad_{name}": g.detach().flatten(1).norm(dim=1).mean() for name, g in grads.items()}
+    if "gan" in grads and len(grads) > 1:
+        others = sum(g for name, g in grads.items() if name != "gan")
+        logs["gan_grad_ratio"] = grads["gan"].norm() / others.norm().clamp_min(1e-30)
+    return (x0_student.float() * total.detach()).sum(), logs

@@ -17,10 +17,11 @@ from torch import Tensor, nn
 
 from distill.losses import denoising_loss, discriminator_adversarial_loss, dmd_loss, generator_adversarial_loss
 from distill.methods.common import (
-    double_backward,
+    generator_objective,
     randn_like,
     regularised_inputs,
     regularised_penalty,
+    regulariser_context,
     student_x0,
     to_device,
 )
@@ -133,7 +134,7 @@ class DMD2:
             x0_real = self.teacher.x0(self.teacher.denoiser, x_t, t, cond, self.guidance_scale)
             x0_fake = self.teacher.x0(critic.denoiser, x_t, t, cond)
         loss_dmd, logs = dmd_loss(x0_student, x0_real, x0_fake)
-        loss = self.dmd_weight * loss_dmd
+        terms = {"dmd": self.dmd_weight * loss_dmd}
 
         if self.uses_gan:
             t_gan = self._timesteps(len(x0_student), generator, device)
@@ -144,9 +145,11 @@ class DMD2:
                     x0 = self._real_x0(batch, device)
                     logits_real = self._logits(critic, x0, t_gan, randn_like(x0, generator), cond)
             loss_gan, gan_logs = generator_adversarial_loss(logits_fake, logits_real, kind=self.gan_loss)
-            loss = loss + self.gan_weight * loss_gan
+            terms["gan"] = self.gan_weight * loss_gan
             logs.update(gan_logs)
-        logs["generator_loss"] = loss.detach()
+        loss, grad_logs = generator_objective(x0_student, terms)
+        logs.update(grad_logs)
+        logs["generator_loss"] = sum(terms.values()).detach()
         logs["student_x0_abs_max"] = x0_student.detach().abs().amax()
         return loss, logs
 
@@ -178,7 +181,7 @@ class DMD2:
         inputs = regularised_inputs(self.r1_kind, fake, real, self.r1_sigma, generator)
         times = torch.cat([t, t_real, t_real][: len(inputs)])
         all_conds = cat_conditions([cond] * len(inputs)) if cond else {}
-        with double_backward(self.r1_kind):
+        with regulariser_context(self.r1_kind, device):
             if self.separate_discriminator:
                 disc = (torch.cat(inputs), times, torch.cat([noise, noise_real, noise_real][: len(inputs)]), all_conds)
                 output, logits = critic(x_t, t, cond, with_logits=True, disc=disc)
@@ -190,7 +193,7 @@ class DMD2:
         loss = loss + self.critic_gan_weight * loss_d
         logs.update(d_logs)
         if self.r1_kind != "none":
-            penalty, penalty_logs = regularised_penalty(self.r1_kind, logits, inputs, self.r1_sigma)
+            penalty, penalty_logs = regularised_penalty(self.r1_kind, logits, inputs, self.r1_sigma, generator)
             loss = loss + self.r1_weight * penalty
             logs.update(penalty_logs)
         logs["critic_loss"] = loss.detach()

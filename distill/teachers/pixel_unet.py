@@ -73,15 +73,18 @@ class PixelUNetTeacher:
         """Images in [-1, 1] -> x0 (pixel space: unchanged)."""
         return images
 
-    def decode(self, x0: Tensor) -> Tensor:
-        """x0 -> images in [0, 1] (as diffusers' pipelines output them)."""
-        return (x0 / 2 + 0.5).clamp(0, 1)
+    def decode(self, x0: Tensor, clamp: bool = True) -> Tensor:
+        """x0 -> images in [0, 1] (as diffusers' pipelines output them); ``clamp=False`` keeps
+        values outside [0, 1], e.g. to count them."""
+        images = x0 / 2 + 0.5
+        return images.clamp(0, 1) if clamp else images
 
     # the network --------------------------------------------------------------------------
     def output(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        """Raw model output [B, C, H, W] in the checkpoint's prediction type."""
+        """Raw model output [B, C, H, W], float32, in the checkpoint's prediction type. The input
+        is cast to the denoiser's dtype (a half-precision teacher, a float32 trainable copy)."""
         t = t.expand(x_t.shape[0]) if t.dim() == 1 and t.numel() == 1 else t
-        return denoiser(x_t, t, class_labels=cond.get("class_labels")).sample
+        return denoiser(x_t.to(denoiser.dtype), t, class_labels=cond.get("class_labels")).sample.float()
 
     def guided_output(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float) -> Tensor:
         """Model output with classifier-free guidance (Ho & Salimans 2022, eq. 6): conditional

@@ -197,13 +197,14 @@ class StableDiffusionTeacher:
         mean, scale = self._latent_affine(latents)
         return (latents - mean) * scale
 
-    def decode(self, x0: Tensor) -> Tensor:
-        """x0 [B, C, h, w] -> images [B, 3, h*f, w*f] in [0, 1], float32. Differentiable (a
-        discriminator on decoded images trains the student through it)."""
+    def decode(self, x0: Tensor, clamp: bool = True) -> Tensor:
+        """x0 [B, C, h, w] -> images [B, 3, h*f, w*f] in [0, 1], float32 (``clamp=False``: the
+        VAE's values outside [0, 1] kept). Differentiable (a discriminator on decoded images
+        trains the student through it)."""
         x0 = x0.to(self.vae.device, torch.float32)
         mean, scale = self._latent_affine(x0)
-        images = self.vae.decode((x0 / scale + mean).to(self.vae.dtype)).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        images = self.vae.decode((x0 / scale + mean).to(self.vae.dtype)).sample.float() / 2 + 0.5
+        return images.clamp(0, 1) if clamp else images
 
     # the network ----------------------------------------------------------------------------
     def _unet_kwargs(self, cond: dict[str, Tensor], dtype: torch.dtype) -> dict:
