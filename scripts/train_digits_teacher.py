@@ -1,6 +1,8 @@
 """Train the built-in digits teacher: a class-conditional pixel UNet2DModel on 8x8 digits.
 
     python scripts/train_digits_teacher.py --out models/digits-teacher
+    python scripts/train_digits_teacher.py --out models/digits-teacher-cosine-v \
+        --beta-schedule squaredcos_cap_v2 --prediction-type v_prediction   # a second teacher: other schedule and target
 
 About 22 minutes on 2 CPU cores. Writes a diffusers pipeline directory (model_index.json,
 unet/, scheduler/, safetensors) that `distill` loads through `from_pretrained`. The last
@@ -44,11 +46,13 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--label-dropout", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--beta-schedule", default="linear", help="DDPMScheduler beta_schedule (linear, squaredcos_cap_v2, ...)")
+    parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     images, labels = load_digits("train")
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=args.beta_schedule, prediction_type=args.prediction_type)
     unet = build_unet()
     ema = copy.deepcopy(unet).requires_grad_(False)
     print(f"teacher parameters: {sum(p.numel() for p in unet.parameters()) / 1e6:.3f}M")
@@ -65,7 +69,8 @@ def main() -> None:
         eps = torch.randn_like(x0)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = F.mse_loss(unet(x_t, t, class_labels=y).sample, eps)
+        target = {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0, "sample": x0}[args.prediction_type]
+        loss = F.mse_loss(unet(x_t, t, class_labels=y).sample, target)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * float(lr_at(step))
         optimizer.zero_grad(set_to_none=True)
