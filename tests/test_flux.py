@@ -373,3 +373,77 @@ def test_shifted_few_step_schedules_export_to_flux_pipeline(teachers):
     teacher, timesteps = teachers["dev"], [1000, 900, 750, 500]
     scheduler = few_step_scheduler(teacher.scheduler_config, timesteps, set_timesteps=teacher.set_timesteps)
     assert teacher.set_timesteps(scheduler, 4).tolist() == pytest.approx(timesteps, abs=1e-3)
+
+
+# --- the recipe end to end -------------------------------------------------------------------------------------
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "flux-dmd2-4step-lora.yaml"
+
+
+def test_recipe_validates():
+    from distill import config as config_lib
+
+    config = config_lib.load(str(RECIPE), ["data.path=."])
+    assert config.teacher.guidance_scale == 3.5 and config.student.timesteps == [1000, 750, 500, 250]
+    assert config.method.gan_weight == 0.03 and config.method.fake_score_updates == 4 and config.data.resolution == 512
+
+
+@pytest.fixture(scope="module")
+def exported_run(flux_paths, text_data, tmp_path_factory):
+    """Two steps of the shipped recipe on the tiny dev pipeline (LoRA roles, GAN head on the
+    fake score's middle block, captioned images), then ``distill export``: (run, export dir)."""
+    from conftest import latent_recipe_overrides
+
+    from distill import train
+    from distill.export import export
+
+    root = tmp_path_factory.mktemp("flux-run")
+    lora = {"student.lora.rank": 4, "student.lora.alpha": 2, "method.fake_score_lora.rank": 4, "train.ema_decay": 0,
+            "method.discriminator.head_width": 8}
+    train.main([str(RECIPE), *latent_recipe_overrides(str(RECIPE), flux_paths["dev"], text_data, root / "run", **lora)])
+    return root / "run", export(root / "run", root / "export")
+
+
+@pytest.mark.slow
+def test_recipe_trains_exports_and_the_lora_loads_on_the_teacher(exported_run, flux_paths):
+    """The run logs finite losses and trains the LoRA; the fused export and the teacher with the
+    exported LoRA run the student's 4 timesteps in FluxPipeline and sample alike."""
+    import json
+
+    from safetensors.torch import load_file
+
+    run, out = exported_run
+    rows = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("generator/gan_g_loss" in row for row in rows)
+    assert all(math.isfinite(v) for row in rows for v in row.values() if isinstance(v, float))
+    student_dir = sorted((run / "checkpoints").glob("step-*"))[-1] / "student"
+    adapter = load_file(student_dir / "adapter_model.safetensors")
+    lora_b = [k for k in adapter if "lora_B" in k]
+    assert any("single_transformer_blocks" in k and ".proj_mlp." in k for k in lora_b)
+    assert any(adapter[k].abs().max() > 0 for k in lora_b)  # B starts at 0: the adapter trained
+
+    fused = _pipeline(out)
+    assert type(fused.scheduler) is FlowMatchEulerDiscreteScheduler and fused.scheduler.config.stochastic_sampling
+    teacher = _pipeline(flux_paths["dev"])
+    teacher.load_lora_weights(out / "lora")
+    teacher.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+    images = []
+    for pipe in (fused, teacher):
+        seen = []
+        torch.manual_seed(3)  # the pipeline's scheduler.step re-noises from the global RNG (it passes no generator)
+        images.append(pipe(PROMPTS, num_inference_steps=4, height=SIZE, width=SIZE, output_type="np",
+                           generator=torch.Generator().manual_seed(3),
+                           callback_on_step_end=lambda p, i, t, kwargs: seen.append(float(t)) or {}).images)
+        assert seen == pytest.approx([1000, 750, 500, 250], abs=1e-3)
+    assert images[0].shape == (2, SIZE, SIZE, 3) and np.isfinite(images[0]).all() and images[0].std() > 1e-3
+    np.testing.assert_allclose(images[1], images[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="export.model_card tells text students guidance_scale=0.0 (CFG off); FluxPipeline embeds that "
+                          "0 into a FLUX.1-dev student trained at 3.5, and its default size is 1024, not the trained one")
+def test_model_card_samples_at_the_trained_guidance_and_size(exported_run):
+    card = (exported_run[1] / "README.md").read_text()
+    assert "guidance_scale=0.0" not in card and "guidance_scale=3.5" in card
+    assert f"height={SIZE}, width={SIZE}" in card.split("## Sampling with stock diffusers")[1]
