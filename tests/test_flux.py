@@ -205,6 +205,21 @@ def test_sampling_equals_the_stock_pipeline(flux_paths, name, size, guidance, tr
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["dev", "schnell"])
+def test_pipeline_kwargs_sample_like_the_default_output(flux_paths, name):
+    """``pipe(prompts, **teacher.pipeline_kwargs())`` (what a model card would print) runs the
+    adapter's default: its size, embedded scale (dev) and T5 length."""
+    teacher = load_teacher(str(flux_paths[name]), image_size=24)
+    kwargs = teacher.pipeline_kwargs()
+    assert kwargs == {"height": 24, "width": 24, "max_sequence_length": T5_TOKENS[name],
+                      **({"guidance_scale": 3.5} if name == "dev" else {})}
+    noise = _randn(2, *teacher.sample_shape, seed=10)
+    ours = _sample(teacher, 2, noise, teacher.condition({"prompt": PROMPTS}), None)
+    packed = _pipeline(flux_paths[name])(PROMPTS, num_inference_steps=2, output_type="latent",
+                                         latents=pack_latents(noise), **kwargs).images
+    torch.testing.assert_close(pack_latents(ours), packed, atol=1e-4, rtol=0)
+
+
 def test_embedded_guidance(teachers):
     """dev: the scale rides in the conditioning; no null-prompt batch. schnell: none to embed."""
     dev, schnell = teachers["dev"], teachers["schnell"]

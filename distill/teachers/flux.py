@@ -30,6 +30,8 @@ trained by rectified flow.
   Checkpoints without the embedding (FLUX.1-schnell, ``FluxSchnellTeacher``) get classifier-free
   guidance with the empty prompt (what the pipeline does with ``true_cfg_scale`` and
   ``negative_prompt=""``); scale 1 is no guidance, as schnell samples. ``guidance_kind = "cfg"``.
+  ``pipeline_kwargs()`` is what ``FluxPipeline.__call__`` needs to sample as the default
+  ``output`` does (size, embedded scale, T5 length).
 * Features for discriminators: the image tokens [B, (H/2)(W/2), D] of a block, double-stream
   (``transformer_blocks``) or single-stream (``single_transformer_blocks``), seen as maps
   [B, D, H/2, W/2]. Both kinds return ``(encoder_hidden_states, hidden_states)`` in diffusers 0.42
@@ -222,6 +224,15 @@ class FluxTeacher:
         timesteps, _ = retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, **mu)
         return timesteps
 
+    def pipeline_kwargs(self) -> dict:
+        """What to pass to ``FluxPipeline.__call__`` so that it samples as ``output`` does by
+        default: this image size (the pipeline's own default is 1024 px whatever the
+        transformer), the embedded guidance scale and the T5 length (for the model card of an
+        export and for evaluating one)."""
+        height, width = self.image_size
+        return {"height": height, "width": width, "guidance_scale": self.guidance_scale,
+                "max_sequence_length": self.max_sequence_length}
+
     # conditioning ---------------------------------------------------------------------------
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         """``FluxPipeline.encode_prompt``: CLIP's pooled output (``_get_clip_prompt_embeds``, padded
@@ -332,6 +343,12 @@ class FluxSchnellTeacher(FluxTeacher):
     guidance_kind = "cfg"  # the caller mixes a null-prompt output (scale 1: none)
     guidance_embeds = False
     default_max_sequence_length = 256  # schnell's T5 length in Black Forest Labs' reference sampler
+
+    def pipeline_kwargs(self) -> dict:
+        """``FluxTeacher.pipeline_kwargs`` without a guidance scale (the pipeline ignores it here)."""
+        kwargs = super().pipeline_kwargs()
+        del kwargs["guidance_scale"]
+        return kwargs
 
     def with_guidance(self, cond: dict[str, Tensor], guidance_scale: float) -> dict[str, Tensor]:
         raise ValueError(f"{type(self).__name__}: this checkpoint has no guidance embedding (guidance_kind 'cfg'): "
