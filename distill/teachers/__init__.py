@@ -49,6 +49,7 @@ def _adapter_class(index: dict, source: str) -> type:
     if unet is not None and unet[1] == "UNet2DConditionModel" and has("vae") and has("text_encoder"):
         return StableDiffusionXLTeacher if has("text_encoder_2") else StableDiffusionTeacher
     transformer = index.get("transformer")
+    if transformer is not None and transformer[1] == "FluxTransformer2DModel": from distill.teachers.flux import FluxTeacher; return FluxTeacher  # noqa: E701,E702 (FluxTeacher picks dev / schnell)
     if (transformer is not None and transformer[1] == "SD3Transformer2DModel" and has("vae") and has("text_encoder")
             and has("text_encoder_2")):
         return StableDiffusion3Teacher  # text_encoder_3 (T5) may be absent, as the pipeline allows
