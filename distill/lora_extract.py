@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -82,11 +82,10 @@ def extract_lora(teacher_network: nn.Module, student_network: nn.Module, *, rank
     modules. The SVD runs in float32 on the weights' device; the LoRA weights are float32."""
     if rank < 1:
         raise ValueError(f"the LoRA rank must be at least 1, got {rank}")
-    deltas = _weight_deltas(teacher_network, student_network, target_modules)
-    if not deltas:
-        raise ValueError("the student's Linear / Conv2d weights equal the teacher's in every targeted layer: nothing to extract")
     state: dict[str, Tensor] = {}
-    for name, (delta, shape) in deltas.items():
+    covered = set()
+    for name, delta, shape in _weight_deltas(teacher_network, student_network, target_modules):  # one layer in memory at a time
+        covered.add(name)
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         k = min(rank, len(s))
         root = s[:k].sqrt()
@@ -98,12 +97,14 @@ def extract_lora(teacher_network: nn.Module, student_network: nn.Module, *, rank
             down, up = down.view(rank, *shape[1:]), up.view(shape[0], rank, 1, 1)
         state[f"{name}.lora_A.weight"] = down.contiguous()
         state[f"{name}.lora_B.weight"] = up.contiguous()
-    missing = _not_expressed(teacher_network, student_network, set(deltas))
+    if not covered:
+        raise ValueError("the student's Linear / Conv2d weights equal the teacher's in every targeted layer: nothing to extract")
+    missing = _not_expressed(teacher_network, student_network, covered)
     if missing:
         warnings.warn(f"the extracted LoRA cannot carry {len(missing)} changed parameter(s) of the student (only Linear / "
                       f"Conv2d weights go into a LoRA): {', '.join(sorted(missing)[:10])}"
                       + (", ..." if len(missing) > 10 else ""), stacklevel=2)
-    return make_lora_config(rank=rank, alpha=None, target_modules=sorted(deltas)), state
+    return make_lora_config(rank=rank, alpha=None, target_modules=sorted(covered)), state
 
 
 def lora_fit(teacher_network: nn.Module, student_network: nn.Module, state: dict[str, Tensor], lora_config) -> LoraFit:
@@ -113,16 +114,16 @@ def lora_fit(teacher_network: nn.Module, student_network: nn.Module, state: dict
         raise ValueError("lora_fit takes one rank and alpha for every module (no patterns, rsLoRA or DoRA)")
     scale = lora_config.lora_alpha / lora_config.r
     modules = sorted({key.rsplit(".lora_", 1)[0] for key in state})
-    deltas = _weight_deltas(teacher_network, student_network, modules, exact=True, changed_only=False)
     layers, error_sq, delta_sq = {}, 0.0, 0.0
-    for name in modules:
-        delta, _ = deltas[name]
+    for name, delta, _ in _weight_deltas(teacher_network, student_network, modules, exact=True, changed_only=False):
         up, down = state[f"{name}.lora_B.weight"], state[f"{name}.lora_A.weight"]
         product = (up.flatten(1).float() @ down.flatten(1).float()).to(delta.device) * scale
         err, norm = float((delta - product).norm()), float(delta.norm())
         relative = err / norm if norm > 0 else (0.0 if err == 0 else math.inf)
         layers[name] = LayerFit(relative_error=relative, energy_kept=1 - relative**2, delta_norm=norm)
         error_sq, delta_sq = error_sq + err**2, delta_sq + norm**2
+    if set(layers) != set(modules):
+        raise ValueError(f"the LoRA names modules that are no Linear / Conv2d layer of the network: {sorted(set(modules) - set(layers))[:5]}")
     overall = math.sqrt(error_sq / delta_sq) if delta_sq > 0 else 0.0
     return LoraFit(layers=layers, relative_error=overall, energy_kept=1 - overall**2, rank=lora_config.r,
                    not_expressed=_not_expressed(teacher_network, student_network, set(modules)))
@@ -180,8 +181,8 @@ def _check_pair(teacher: nn.Module, student: nn.Module) -> None:
 
 
 def _weight_deltas(teacher: nn.Module, student: nn.Module, targets, *, exact: bool = False,
-                   changed_only: bool = True) -> dict[str, tuple[Tensor, torch.Size]]:
-    """{module name: (ΔW as a float32 matrix [out, in·kh·kw], the weight's shape)} of the
+                   changed_only: bool = True) -> Iterator[tuple[str, Tensor, torch.Size]]:
+    """(module name, ΔW as a float32 matrix [out, in·kh·kw], the weight's shape) of each of the
     LoRA-able layers that ``targets`` names (None: all of them; ``exact``: module names
     as they are, else peft's matching), by default only those whose weight changed."""
     _check_pair(teacher, student)
@@ -195,7 +196,6 @@ def _weight_deltas(teacher: nn.Module, student: nn.Module, targets, *, exact: bo
 
         config = LoraConfig(r=1, target_modules=targets if isinstance(targets, str) else list(targets))
         match = lambda name: bool(check_target_module_exists(config, name))
-    deltas = {}
     for name, module in student.named_modules():
         if not name or not _lora_layer(module) or not match(name):
             continue
@@ -203,10 +203,7 @@ def _weight_deltas(teacher: nn.Module, student: nn.Module, targets, *, exact: bo
         w_teacher = teacher_modules[name].weight.detach().to(w_student.device)
         if changed_only and torch.equal(w_student.float(), w_teacher.float()):
             continue
-        deltas[name] = ((w_student.float() - w_teacher.float()).flatten(1), w_student.shape)
-    if exact and targets is not None and set(targets) - set(deltas):
-        raise ValueError(f"the LoRA names modules that are no Linear / Conv2d layer of the network: {sorted(set(targets) - set(deltas))[:5]}")
-    return deltas
+        yield name, (w_student.float() - w_teacher.float()).flatten(1), w_student.shape
 
 
 def _not_expressed(teacher: nn.Module, student: nn.Module, covered: set[str]) -> dict[str, float]:

@@ -171,6 +171,9 @@ def test_extraction_refuses_what_it_cannot_do(tiny_sd, one_thread):
         extract_lora(teacher, _perturbed(teacher, seed=4), rank=0)
     with pytest.raises(ValueError, match="not one architecture"):
         extract_lora(teacher, nn.Linear(2, 2), rank=4)
+    config, state = extract_lora(teacher, _perturbed(teacher, seed=4, names={"conv_in"}), rank=4)
+    with pytest.raises(ValueError, match="no Linear / Conv2d layer"):
+        lora_fit(teacher, teacher, {**state, "nowhere.lora_A.weight": state["conv_in.lora_A.weight"]}, config)
 
 
 def test_image_distance_known_values(tiny_sd, one_thread):
