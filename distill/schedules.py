@@ -83,34 +83,6 @@ class _Schedule:
             return alpha * x_t - sigma * model_output
         return x_t - sigma * model_output  # flow
 
-    def to_eps(
-        self, model_output: Tensor, x_t: Tensor, t: Tensor | float | int, prediction_type: str | None = None
-    ) -> Tensor:
-        """epsilon estimate [B, ...] from a model output; the v and flow forms avoid dividing by a small sigma."""
-        kind = self._check(prediction_type)
-        alpha, sigma = self._coeffs(x_t, t)
-        if kind == "epsilon":
-            return model_output
-        if kind == "sample":
-            return (x_t - alpha * model_output) / sigma
-        if kind == "v_prediction":
-            return sigma * x_t + alpha * model_output
-        return x_t + (1 - sigma) * model_output  # flow: eps = v + x0
-
-    def from_x0(self, x0: Tensor, x_t: Tensor, t: Tensor | float | int, prediction_type: str | None = None) -> Tensor:
-        """The model output [B, ...] for which ``to_x0`` returns ``x0`` at (x_t, t): the inverse of ``to_x0``.
-
-        epsilon: (x_t - alpha * x0) / sigma; v_prediction: alpha * eps - sigma * x0; sample: x0;
-        flow: (x_t - x0) / sigma. Divides by sigma, so t must not be the noise-free timestep."""
-        kind = self._check(prediction_type)
-        alpha, sigma = self._coeffs(x_t, t)
-        if kind == "sample":
-            return x0
-        if kind == "flow":
-            return (x_t - x0) / sigma
-        eps = (x_t - alpha * x0) / sigma
-        return eps if kind == "epsilon" else alpha * eps - sigma * x0
-
     def target(self, x0: Tensor, noise: Tensor, t: Tensor | float | int, prediction_type: str | None = None) -> Tensor:
         """Denoising regression target [B, ...] for clean ``x0`` noised with ``noise`` at ``t``: epsilon -> noise,
         sample -> x0, v_prediction -> alpha * noise - sigma * x0 (diffusers ``get_velocity``), flow -> noise - x0."""

@@ -146,12 +146,6 @@ class LoraRole(nn.Module):
         self.adapter = adapter
         self.weights = nn.ParameterDict({key.replace(".", "__"): p for key, p in _adapter_parameters(base, adapter)})
 
-    @contextmanager
-    def active(self) -> Iterator["LoraRole"]:
-        """This adapter on (all others off) inside the block; the previous state after it."""
-        with _adapters_on(self.base, self.adapter):
-            yield self
-
     def forward(self, *args, **kwargs):
         with _adapters_on(self.base, self.adapter):
             return self.base(*args, **kwargs)

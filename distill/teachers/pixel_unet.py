@@ -55,11 +55,6 @@ class PixelUNetTeacher:
             return {}
         return {"class_labels": batch["class_label"].long()}
 
-    def random_condition(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
-        if self.num_classes is None:
-            return {}
-        return {"class_labels": torch.randint(0, self.num_classes, (batch_size,), generator=generator)}
-
     def null_condition(self, cond: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.num_classes is None:
             return cond

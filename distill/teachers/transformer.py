@@ -186,9 +186,6 @@ class DiTTeacher(_LatentTransformerTeacher):
             return cached
         return {"class_labels": torch.as_tensor(batch["class_label"]).long()}
 
-    def random_condition(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
-        return {"class_labels": torch.randint(0, self.num_classes, (batch_size,), generator=generator)}
-
     def null_condition(self, cond: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"class_labels": torch.full_like(cond["class_labels"], self.null_class)}
 
