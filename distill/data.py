@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distill.atomic import atomic_file
+
 DIGITS_NUM_CLASSES = 10
 DIGITS_HOLDOUT = 360  # images held out of 1,797, chosen once by a fixed permutation
 _DIGITS_SPLIT_SEED = 0
@@ -414,17 +416,6 @@ def cache_path(dataset, *, cache_dir: str | Path, key: str) -> Path:
     return Path(os.path.expanduser(str(cache_dir))) / f"encoded-{digest}"
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` to a per-process temporary name, then rename: a reader (or a later run after a
-    crash) sees the whole file or none of it, and concurrent builders never share a file."""
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _shard_metadata(path: Path) -> dict[str, str] | None:
     from safetensors import safe_open
 
@@ -494,11 +485,13 @@ def cached_dataset(dataset, encode: Callable[[dict], dict[str, Tensor]], *, cach
             metadata = {"start": str(start), "stop": str(stop)}
             if prompts is not None:
                 metadata["prompts"] = json.dumps(prompts)
-            _write_atomically(path, lambda file: save_file(tensors, str(file), metadata=metadata))
+            with atomic_file(path) as file:
+                save_file(tensors, str(file), metadata=metadata)
         shards.append({"file": path.name, "start": start, "stop": stop})
     manifest = {"format": _CACHE_FORMAT, "key": key, "identity": dataset.identity, "num_items": len(dataset),
                 "shards": shards}
-    _write_atomically(directory / "manifest.json", lambda file: file.write_text(json.dumps(manifest, indent=1)))
+    with atomic_file(directory / "manifest.json") as file:
+        file.write_text(json.dumps(manifest, indent=1))
     return CachedDataset(directory)
 
 
