@@ -26,7 +26,6 @@ from distill import runs
 from distill.atomic import atomic_directory, partial_directory
 from distill.config import Config
 from distill.data import EpochSampler, cached_dataset, collate, step_generator
-from distill.errors import NonFiniteError
 from distill.factories import dataset_from_config, eval_reference, scorer_from_config, teacher_identity
 from distill.grids import image_grid, save_grid
 from distill.methods.common import to_device
@@ -34,27 +33,7 @@ from distill.sampling import draw_student
 from distill.students import (FewStepSampler, enable_gradient_checkpointing, eval_copy, lora_config, make_roles,
                                save_student, set_trainable, trainable_parameters)
 from distill.teachers import COND_PREFIX, load_teacher
-
-
-class TrainState:
-    """The loop's own resumable state; registered with Accelerate's checkpointing."""
-
-    def __init__(self):
-        self.step = 0
-        self.elapsed_seconds = 0.0
-        self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient, over the run
-        self.nonfinite_streak = 0  # student steps in a row with a skipped update
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "elapsed_seconds": self.elapsed_seconds, "skipped_updates": self.skipped_updates,
-                "nonfinite_streak": self.nonfinite_streak}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.elapsed_seconds = float(state["elapsed_seconds"])
-        # checkpoints written before the non-finite guard have neither count
-        self.skipped_updates = int(state.get("skipped_updates", 0))
-        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+from distill.train_state import TrainState
 
 
 class DistillTrainer:
@@ -95,7 +74,7 @@ class DistillTrainer:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config_lib.dump(cfg, self.output_dir / runs.CONFIG)
-        self.accelerator.init_trackers("distill", config=_flat(config_lib.to_dict(cfg)))
+        self.accelerator.init_trackers("distill", config=config_lib.to_flat_dict(cfg))
 
     def _setup_teacher(self):
         t = self.config.teacher
@@ -227,26 +206,9 @@ class DistillTrainer:
         logs.update({f"generator/{k}": v for k, v in generator_logs.items()})
         if self.ema is not None and applied:
             self.ema.step(trainable_parameters(student))
-        self._count_nonfinite(step, skipped, logs)
+        self.state.count_nonfinite(step, skipped, logs, max_steps=self.config.train.max_nonfinite_steps,
+                                   checkpoints=self.output_dir / runs.CHECKPOINTS, report=self.accelerator.print)
         return logs
-
-    def _count_nonfinite(self, step: int, skipped: int, logs: dict) -> None:
-        """Count the step's skipped updates; stop after ``train.max_nonfinite_steps`` steps in a
-        row with one, naming the step and its losses (the weights never took the bad update,
-        so the last checkpoint is as good as it was)."""
-        state = self.state
-        state.skipped_updates += skipped
-        state.nonfinite_streak = state.nonfinite_streak + 1 if skipped else 0
-        logs["train/skipped_updates"] = torch.tensor(float(state.skipped_updates))
-        if skipped:
-            losses = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(logs.items()) if k.endswith("_loss") or "grad_norm" in k)
-            self.accelerator.print(f"step {step + 1}: {skipped} update(s) skipped, a loss or gradient was not finite ({losses})")
-        if state.nonfinite_streak >= self.config.train.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"stopped at step {step + 1}: {state.nonfinite_streak} student steps in a row had a non-finite loss or gradient "
-                f"(train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}); last losses: {losses}. No bad update "
-                f"reached the weights; the last checkpoint in {self.output_dir / 'checkpoints'} loads and resumes. Lower the "
-                "learning rates or train.max_grad_norm, or look for NaNs in the data")
 
     def train(self) -> dict | None:
         cfg = self.config
@@ -384,14 +346,3 @@ class DistillTrainer:
         runs.write_metrics(self.output_dir, metrics)
         self.accelerator.print(f"scores of the {len(self.sampler)}-step student: {json.dumps(metrics)}")
         return metrics
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """Flatten nested config dicts for TensorBoard's hparams (lists become strings)."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value) if isinstance(value, (list, type(None))) else value
-    return flat

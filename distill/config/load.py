@@ -196,6 +196,20 @@ def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
+def to_flat_dict(config: Config) -> dict:
+    """Dotted keys to numbers and strings (lists and null as strings), for TensorBoard's hparams."""
+    def flat(tree: dict, prefix: str) -> dict:
+        rows = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                rows.update(flat(value, f"{prefix}{key}."))
+            else:
+                rows[f"{prefix}{key}"] = str(value) if isinstance(value, (list, type(None))) else value
+        return rows
+
+    return flat(to_dict(config), "")
+
+
 def dump(config: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (loadable again with ``load``)."""
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
