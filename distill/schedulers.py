@@ -56,14 +56,14 @@ def _flow_timesteps(scheduler: FlowMatchEulerDiscreteScheduler, n: int) -> list[
     return scheduler.timesteps.tolist()
 
 
-def _flow_few_step_scheduler(config: dict, timesteps: list[int]) -> FlowMatchEulerDiscreteScheduler | None:
+def _flow_few_step_scheduler(config: dict, timesteps: list[int], num_train: int) -> FlowMatchEulerDiscreteScheduler | None:
     """The flow scheduler whose ``set_timesteps(N)`` gives ``timesteps`` (to float32 rounding), or None.
 
     ``set_timesteps(N)`` always starts at sigma = 1 (t = T, pure noise, as the student's first step
     assumes) and, with shift s and shift_terminal, ends at sigma = shift_terminal; s bends the
     spacing in between (s = 1: evenly spaced). The last timestep fixes shift_terminal; with three
     or more steps the second fixes s (found by bisection on log s), the rest must then agree."""
-    n, num_train = len(timesteps), config.get("num_train_timesteps", 1000)
+    n = len(timesteps)
     if timesteps[0] != num_train:
         return None
 
@@ -105,10 +105,10 @@ def few_step_scheduler(teacher_scheduler_config: dict, timesteps: list[int]) -> 
     except ValueError:  # no or an unknown _class_name: left to the DDPM-family schedulers below, as before
         schedule = None
     if isinstance(schedule, FlowSchedule):
-        scheduler = _flow_few_step_scheduler(teacher_scheduler_config, list(timesteps))
+        num_train = schedule.num_train_timesteps
+        scheduler = _flow_few_step_scheduler(teacher_scheduler_config, list(timesteps), num_train)
         if scheduler is not None:
             return scheduler
-        num_train = teacher_scheduler_config.get("num_train_timesteps", 1000)
         step = (num_train - timesteps[-1]) // (n - 1) if n > 1 else 0  # whole steps: shift 1 gives them exactly
         even = [num_train - i * step for i in range(n)]
         hint = (f"with {n} steps use e.g. {even} (evenly spaced in whole steps down to about the last), "
@@ -150,7 +150,7 @@ def baseline_solvers(flow: bool = False) -> dict[str, Callable]:
         def dpmsolver(config):
             return DPMSolverMultistepScheduler.from_config(
                 config, algorithm_type="dpmsolver++", use_flow_sigmas=True, prediction_type="flow_prediction",
-                flow_shift=config.get("shift", 1.0))
+                flow_shift=schedule_from_config(config).shift)
 
         return {"ddim": FlowMatchEulerDiscreteScheduler.from_config, "dpmsolver++": dpmsolver}
     return {

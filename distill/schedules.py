@@ -197,16 +197,15 @@ def schedule_from_config(config: dict) -> DDPMSchedule | FlowSchedule:
     name = config.get("_class_name")
     if name is None:  # scheduler.config lacks it; save_config / to_json_string add it
         raise ValueError("config has no '_class_name'; pass the scheduler_config.json dict")
-    if name and "FlowMatch" in name:
-        return FlowSchedule(config.get("num_train_timesteps", 1000), config.get("shift", 1.0),
-                            config.get("use_dynamic_shifting", False))
-    if config.get("use_flow_sigmas"):  # DPM-Solver/UniPC run on a flow schedule, shifted by flow_shift
-        return FlowSchedule(config.get("num_train_timesteps", 1000), config.get("flow_shift", 1.0),
-                            config.get("use_dynamic_shifting", False))
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     if not (inspect.isclass(cls) and issubclass(cls, diffusers.SchedulerMixin)):
         raise ValueError(f"unknown scheduler class {name!r}: expected a diffusers DDPM-family or FlowMatch scheduler")
     own = cls.from_config(config)
+    resolved = own.config  # the config with the class's own defaults filled in
+    flow_shift = resolved.get("shift") if "FlowMatch" in name else (
+        resolved.get("flow_shift") if resolved.get("use_flow_sigmas") else None)  # DPM-Solver / UniPC on flow sigmas
+    if flow_shift is not None:
+        return FlowSchedule(resolved.num_train_timesteps, flow_shift, resolved.get("use_dynamic_shifting", False))
     if not hasattr(own, "alphas_cumprod"):
         raise ValueError(f"scheduler class {name!r} has no alphas_cumprod and is not a flow-matching scheduler")
     ddpm_keys = inspect.signature(diffusers.DDPMScheduler.__init__).parameters
@@ -215,15 +214,9 @@ def schedule_from_config(config: dict) -> DDPMSchedule | FlowSchedule:
         alphas_cumprod = ddpm.alphas_cumprod
     except NotImplementedError:
         alphas_cumprod = own.alphas_cumprod
-    # the DDPM-family defaults: clip_sample is on unless the config turns it off (DDPMScheduler, DDIMScheduler)
-    thresholding = ((config.get("dynamic_thresholding_ratio", 0.995), config.get("sample_max_value", 1.0))
-                    if config.get("thresholding") else None)
-    clip = config.get("clip_sample_range", 1.0) if config.get("clip_sample", _clips_by_default(cls)) else None
-    return DDPMSchedule(alphas_cumprod, config.get("prediction_type") or "epsilon", clip_sample_range=clip,
+    # what the class does to each x0 while sampling, its own defaults filled in (DDPM / DDIM clip unless told not to)
+    thresholding = ((resolved.dynamic_thresholding_ratio, resolved.sample_max_value)
+                    if resolved.get("thresholding") else None)
+    clip = resolved.clip_sample_range if resolved.get("clip_sample") else None
+    return DDPMSchedule(alphas_cumprod, resolved.get("prediction_type") or "epsilon", clip_sample_range=clip,
                         thresholding=thresholding)
-
-
-def _clips_by_default(cls: type) -> bool:
-    """Whether scheduler class ``cls`` clips x0 when its config does not say (DDPM / DDIM: yes)."""
-    parameter = inspect.signature(cls.__init__).parameters.get("clip_sample")
-    return bool(parameter.default) if parameter is not None else False
