@@ -1,22 +1,13 @@
 """Student -> a diffusers pipeline directory that stock diffusers loads and samples.
 
-The exported scheduler is a stock diffusers class (``distill.schedulers.few_step_scheduler``)
-configured so that the standard loop (``scheduler.set_timesteps(N)``, then the model and
-``scheduler.step`` per timestep) reproduces the student's sampler exactly:
-
-- ``LCMScheduler`` with ``original_inference_steps=N`` yields the evenly spaced timesteps
-  ``[T-1, T-1-T/N, ...]`` (e.g. 999, 749, 499, 249) and re-noises each x0 with fresh noise
-  from the caller's generator, as the student does; ``timestep_scaling`` is set so large
-  that its consistency boundary scalings are c_skip = 0 and c_out = 1 in float32.
-- ``DDIMScheduler`` with ``timestep_spacing="leading"`` and ``steps_offset=t`` gives a single
-  step at any timestep ``t`` that returns x0 itself (the final alpha is one).
+The exported scheduler is a stock diffusers class (``distill.schedulers.few_step_scheduler``:
+LCM, DDIM or flow Euler) configured so that the standard loop (``scheduler.set_timesteps(N)``,
+then the model and ``scheduler.step`` per timestep) reproduces the student's sampler exactly.
 
 A LoRA student is exported three ways (``FORMATS``): the pipeline with the LoRA fused into
-its denoiser; ``lora/pytorch_lora_weights.safetensors``, diffusers' LoRA format for
-``pipe.load_lora_weights`` on the teacher's own pipeline (peft keys, with the ``LoraConfig``
-in the file's ``lora_adapter_metadata`` so an alpha other than the rank loads at its scale);
-and ``kohya/distill_lora.safetensors``, the same weights under kohya / ComfyUI key names
-(``lora_unet_<module>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``).
+its denoiser; ``lora/``, diffusers' LoRA format for ``pipe.load_lora_weights`` on the
+teacher's own pipeline; and ``kohya/``, the same weights under kohya / ComfyUI key names
+(``distill.export.lora``). ``distill.export.card`` writes the model card.
 """
 
 from __future__ import annotations

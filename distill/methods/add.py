@@ -29,17 +29,8 @@ from distill.losses import (
     score_distillation_loss,
 )
 from distill.methods.base import METHOD_NAME_HELP, AdversarialMethodConfig, DiscriminatorConfig, GanConfig
-from distill.methods.common import (
-    AdversarialMethod,
-    generator_objective,
-    randn_like,
-    real_x0,
-    regularised_inputs,
-    regularised_penalty,
-    regulariser_context,
-    student_x0,
-    to_device,
-)
+from distill.methods.common import (AdversarialMethod, randn_like, real_x0, regularised_inputs, regulariser_context,
+                                    student_x0)
 from distill.sections import check_not_negative, fail, setting
 
 
@@ -107,8 +98,7 @@ class ADD(AdversarialMethod):
     # ------------------------------------------------------------------------------------
     def generator_loss(self, student: nn.Module, critic: Discriminator, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Generator phase. ``student`` trains (a prepared module); ``critic`` is frozen."""
-        cond = to_device(self.teacher.condition(batch), device)
-        batch = to_device(batch, device)
+        cond, batch = self._on_device(batch, device)
         x0_student = self._x0(student, batch, cond, generator, grad=True)
         n = len(x0_student)
 
@@ -133,16 +123,11 @@ class ADD(AdversarialMethod):
             loss_distill, distill_logs = score_distillation_loss(x0_student, x0_teacher, weight)
             terms["distill"] = self.distill_weight * loss_distill
             logs.update(distill_logs)
-        loss, grad_logs = generator_objective(x0_student, terms)
-        logs.update(grad_logs)
-        logs["generator_loss"] = sum(terms.values()).detach()
-        logs["student_x0_abs_max"] = x0_student.detach().abs().amax()
-        return loss, logs
+        return self._generator_result(x0_student, terms, logs)
 
     def critic_loss(self, student: nn.Module, critic: nn.Module, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Critic phase: real images against student samples, in one discriminator forward."""
-        cond = to_device(self.teacher.condition(batch), device)
-        batch = to_device(batch, device)
+        cond, batch = self._on_device(batch, device)
         x0_fake = self._augment(self._x0(student, batch, cond, generator, grad=False), generator)
         x0_real = self._augment(real_x0(self.teacher, batch), generator)
         n = len(x0_fake)
@@ -154,9 +139,4 @@ class ADD(AdversarialMethod):
         with regulariser_context(self.r1_kind, device):
             logits = critic(torch.cat(inputs), t, noise, cat_conditions([cond] * len(inputs)) if cond else {})
         loss, logs = discriminator_adversarial_loss(logits[n : 2 * n], logits[:n], kind=self.gan_loss)
-        if self.r1_kind != "none":
-            penalty, penalty_logs = regularised_penalty(self.r1_kind, logits, inputs, self.r1_sigma, generator)
-            loss = loss + self.r1_weight * penalty
-            logs.update(penalty_logs)
-        logs["critic_loss"] = loss.detach()
-        return loss, logs
+        return self._critic_result(loss, logs, logits, inputs, generator)

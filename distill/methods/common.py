@@ -144,3 +144,26 @@ class AdversarialMethod:
         """A discriminator of its own: a frozen backbone (DINOv2 or the teacher) and trainable heads."""
         return Discriminator(backbone=self.discriminator_backbone, teacher=self.teacher, dinov2=self.dinov2,
                              layers=self.layers, width=self.head_width, device=device)
+
+    def _on_device(self, batch: dict, device) -> tuple[dict, dict]:
+        """(the batch's conditioning, the batch), on ``device``."""
+        return to_device(self.teacher.condition(batch), device), to_device(batch, device)
+
+    def _generator_result(self, x0_student: Tensor, terms: dict[str, Tensor], logs: dict) -> tuple[Tensor, dict]:
+        """The generator phase's loss from its weighted ``terms`` (``generator_objective``), with its logs."""
+        loss, grad_logs = generator_objective(x0_student, terms)
+        logs.update(grad_logs)
+        logs["generator_loss"] = sum(terms.values()).detach()
+        logs["student_x0_abs_max"] = x0_student.detach().abs().amax()
+        return loss, logs
+
+    def _critic_result(self, loss: Tensor, logs: dict, logits: Tensor, inputs: list[Tensor],
+                       generator: torch.Generator) -> tuple[Tensor, dict]:
+        """The critic phase's loss plus the regulariser's weighted penalty (from the logits of
+        ``regularised_inputs``), with its logs."""
+        if self.r1_kind != "none":
+            penalty, penalty_logs = regularised_penalty(self.r1_kind, logits, inputs, self.r1_sigma, generator)
+            loss = loss + self.r1_weight * penalty
+            logs.update(penalty_logs)
+        logs["critic_loss"] = loss.detach()
+        return loss, logs

@@ -24,17 +24,8 @@ from distill.denoiser import Denoiser, cat_conditions
 from distill.discriminators import Heads
 from distill.losses import denoising_loss, discriminator_adversarial_loss, dmd_loss, generator_adversarial_loss
 from distill.methods.base import METHOD_NAME_HELP, AdversarialMethodConfig, DiscriminatorConfig, GanConfig
-from distill.methods.common import (
-    AdversarialMethod,
-    generator_objective,
-    randn_like,
-    real_x0,
-    regularised_inputs,
-    regularised_penalty,
-    regulariser_context,
-    student_x0,
-    to_device,
-)
+from distill.methods.common import (AdversarialMethod, randn_like, real_x0, regularised_inputs, regulariser_context,
+                                    student_x0)
 from distill.sections import LoraConfig, check_not_negative, fail, setting
 from distill.students import lora_config
 
@@ -166,8 +157,7 @@ class DMD2(AdversarialMethod):
     # ------------------------------------------------------------------------------------
     def generator_loss(self, student: nn.Module, critic: Critic, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Generator phase. ``student`` trains (a prepared module); ``critic`` is frozen."""
-        cond = to_device(self.teacher.condition(batch), device)
-        batch = to_device(batch, device)
+        cond, batch = self._on_device(batch, device)
         x0_student = self.student_x0(student, batch, cond, generator, grad=True)
 
         t = self._timesteps(len(x0_student), generator, device)
@@ -191,16 +181,11 @@ class DMD2(AdversarialMethod):
             loss_gan, gan_logs = generator_adversarial_loss(logits_fake, logits_real, kind=self.gan_loss)
             terms["gan"] = self.gan_weight * loss_gan
             logs.update(gan_logs)
-        loss, grad_logs = generator_objective(x0_student, terms)
-        logs.update(grad_logs)
-        logs["generator_loss"] = sum(terms.values()).detach()
-        logs["student_x0_abs_max"] = x0_student.detach().abs().amax()
-        return loss, logs
+        return self._generator_result(x0_student, terms, logs)
 
     def critic_loss(self, student: nn.Module, critic: nn.Module, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Critic phase. ``critic`` trains (a prepared module); ``student`` only samples."""
-        cond = to_device(self.teacher.condition(batch), device)
-        batch = to_device(batch, device)
+        cond, batch = self._on_device(batch, device)
         x0_student = self.student_x0(student, batch, cond, generator, grad=False)
         n = len(x0_student)
         t = self._timesteps(n, generator, device)
@@ -237,9 +222,4 @@ class DMD2(AdversarialMethod):
         loss_d, d_logs = discriminator_adversarial_loss(logits_real, logits_fake, kind=self.gan_loss)
         loss = loss + self.critic_gan_weight * loss_d
         logs.update(d_logs)
-        if self.r1_kind != "none":
-            penalty, penalty_logs = regularised_penalty(self.r1_kind, logits, inputs, self.r1_sigma, generator)
-            loss = loss + self.r1_weight * penalty
-            logs.update(penalty_logs)
-        logs["critic_loss"] = loss.detach()
-        return loss, logs
+        return self._critic_result(loss, logs, logits, inputs, generator)
