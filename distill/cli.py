@@ -20,6 +20,8 @@ def _validate(args) -> None:
             for key, help, default in method_rows[1:]:
                 print(f"{key} = {default!r}\n    {help}")
         return
+    if args.recipe is None:
+        raise SystemExit("distill validate: give a recipe (or --keys)")
     config = config_lib.load(args.recipe, args.overrides)
     if args.print:
         import yaml
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("validate", help="check a recipe (keys, types, combinations, files) without training")
-    p.add_argument("recipe")
+    p.add_argument("recipe", nargs="?", help="the recipe (not needed with --keys)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--print", action="store_true", help="print the resolved config")
     p.add_argument("--keys", action="store_true", help="list every recipe key with its default and help, then exit")

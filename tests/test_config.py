@@ -431,6 +431,17 @@ def test_cli_validate_bad_key(tiny, capsys):
     assert "ok" not in capsys.readouterr().out
 
 
+def test_cli_validate_keys_lists_every_method(capsys):
+    from distill.cli import main
+
+    main(["validate", "--keys"])
+    out = capsys.readouterr().out
+    assert "optim.student.lr = 1e-05" in out
+    for name in ("dmd2", "add", "ladd"):
+        assert f"method.name = {name!r}:" in out
+    assert out.split("method.name = 'add':")[1].split("method.name = 'ladd':")[0].count("method.distill_weight = 2.5") == 1
+
+
 def test_cli_validate_missing_recipe(tmp_path):
     from distill.cli import main
 

@@ -117,11 +117,11 @@ class EvalConfig:
         None, "CLIP model (hub id or local dir, e.g. openai/clip-vit-large-patch14) for the CLIP score of text-conditioned "
         "samples against their prompts (null: no CLIP score)"
     )
-    num_samples: int = setting(2000, "samples generated for the final scores (metrics.json)")
+    num_samples: int = setting(2000, "samples drawn for the final scores (metrics.json)")
     every: int = setting(
         0, "score the EMA student every N student steps during training, log it and keep the best checkpoint (0: only at the end)"
     )
-    every_num_samples: int = setting(1000, "samples generated for each evaluation during training")
+    every_num_samples: int = setting(1000, "samples drawn for each evaluation during training")
     nearest_k: int = setting(3, "k of the k-nearest-neighbour manifolds of precision and recall (Kynkäänniemi et al. 2019)")
     kid_subsets: int = setting(100, "random subsets averaged by KID")
     kid_subset_size: int = setting(1000, "samples per KID subset (capped at the smaller set's size)")

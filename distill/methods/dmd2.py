@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from distill.denoiser import Denoiser, cat_conditions
 from distill.discriminators import Heads
 from distill.losses import denoising_loss, discriminator_adversarial_loss, dmd_loss, generator_adversarial_loss
-from distill.methods.base import METHOD_NAME_HELP, AdversarialMethodConfig, DiscriminatorConfig, GanConfig
+from distill.methods.base import METHOD_NAME_HELP, AdversarialMethodConfig, GanConfig
 from distill.methods.common import (AdversarialMethod, randn_like, real_x0, regularised_inputs, regulariser_context,
                                     student_x0)
 from distill.sections import LoraConfig, check_not_negative, fail, setting
@@ -32,8 +32,8 @@ from distill.students import lora_config
 
 @dataclass
 class DMD2GanConfig(GanConfig):
-    discriminator: DiscriminatorConfig = setting(
-        DiscriminatorConfig(backbone="fake_score"), "the GAN discriminator: backbone and heads")
+    """DMD2's GAN term: a head on the fake score's bottleneck by default (backbone fake_score)."""
+
     critic_weight: float = setting(1.0, "weight of the discriminator's GAN loss in the critic loss")
 
 
