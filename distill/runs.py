@@ -122,10 +122,6 @@ def append_row(path: str | Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
 def forget_steps_after(output_dir: str | Path, step: int) -> None:
     """A resumed run at ``step``: drop what the lost steps logged, and a best checkpoint
     chosen among them (the resumed run chooses again)."""

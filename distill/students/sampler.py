@@ -2,7 +2,10 @@
 pure Gaussian noise as if it were x_t at ``timesteps[0]``; each later step re-noises the
 previous x0 estimate to the next timestep with fresh noise and denoises again. The random
 draws follow diffusers' ``LCMScheduler`` loop (initial noise, then one draw per re-noising
-from the same generator), so an export reproduces these samples in stock diffusers."""
+from the same generator), so an export reproduces these samples in stock diffusers.
+
+To *sample* (here and in ``distill.sampling``) is to go from given noise to x0 in the
+denoiser's space; ``distill.sampling.draw_student`` draws decoded images from a seed."""
 
 from __future__ import annotations
 
