@@ -12,9 +12,16 @@ from distill.errors import NonFiniteError
 
 def _validate(args) -> None:
     if args.keys:
-        for key, help, default in config_lib.describe():
+        rows = [row for row in config_lib.describe() if not row[0].startswith("method.")]
+        for key, help, default in rows:
             print(f"{key} = {default!r}\n    {help}")
+        for name, method_rows in config_lib.describe_methods().items():
+            print(f"\nmethod.name = {name!r}:")
+            for key, help, default in method_rows[1:]:
+                print(f"{key} = {default!r}\n    {help}")
         return
+    if args.recipe is None:
+        raise SystemExit("distill validate: give a recipe (or --keys)")
     config = config_lib.load(args.recipe, args.overrides)
     if args.print:
         import yaml
@@ -49,16 +56,13 @@ def _prompts(args, run: config_lib.Config | None) -> list[str] | None:
 
 def _target(args, device):
     """A run directory, an export, or (with --solver) a teacher pipeline, as evaluation targets."""
-    import yaml
-
-    from distill import evaluate
+    from distill import evaluate, runs
 
     source = Path(args.target)
-    if (source / "config.yaml").is_file():
+    if runs.is_run(source):
         if args.solver:
             raise SystemExit(f"distill {args.command}: --solver samples a teacher pipeline; {source} is a run directory")
-        run = config_lib.from_dict(yaml.safe_load((source / "config.yaml").read_text()), str(source / "config.yaml"))
-        prompts = _prompts(args, run)
+        prompts = _prompts(args, runs.load_run(source, args.checkpoint).config)
         target, config = evaluate.run_target(source, args.checkpoint, args.steps, batch_size=args.batch_size, device=device,
                                              prompts=prompts)
         return [target], config
@@ -80,11 +84,11 @@ def _target(args, device):
 
 
 def _sample(args) -> None:
-    """A grid from a run directory (its newest checkpoint), an export, or a teacher with --solver."""
-    from distill.trainer import save_grid
+    """Draw a grid from a run directory (its newest checkpoint), an export, or a teacher with --solver."""
+    from distill.grids import save_grid
 
     targets, _ = _target(args, "cpu")
-    images, _ = targets[0].generate(args.num, args.seed)
+    images, _ = targets[0].draw(args.num, args.seed)
     save_grid(images, args.out)
     print(f"wrote {args.out} ({args.num} samples, {targets[0].steps} steps)")
 
@@ -96,7 +100,8 @@ def _eval(args) -> None:
     import torch
 
     from distill import evaluate
-    from distill.trainer import dataset_from_config, eval_reference, save_grid, scorer_from_config
+    from distill.factories import dataset_from_config, eval_reference, scorer_from_config
+    from distill.grids import save_grid
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     targets, run_config = _target(args, device)
@@ -112,7 +117,7 @@ def _eval(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows, scorer = [], None
     for target in targets:
-        images, labels = target.generate(config.eval.num_samples, args.seed, clamp=False)
+        images, labels = target.draw(config.eval.num_samples, args.seed, clamp=False)
         if scorer is None:  # the reference images of an image-caption set come at the targets' size
             reference = None
             if config.data.dataset == "image_captions":
@@ -123,7 +128,7 @@ def _eval(args) -> None:
             scorer = scorer_from_config(config.eval, config.data.dataset, device, reference=reference)
         row = {"name": target.name, "steps": target.steps, **scorer(images, labels)}
         if not args.no_speed:
-            row.update(evaluate.measure_speed(target.generate, batch_size=config.eval.batch_size, device=device))
+            row.update(evaluate.measure_speed(target.draw, batch_size=config.eval.batch_size, device=device))
         rows.append(row)
         slug = target.name.replace(", ", "-").replace(" ", "_").replace("(", "").replace(")", "").replace("/", "_")
         save_grid(images[:64], out / f"grid-{slug}.png")
@@ -151,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("validate", help="check a recipe (keys, types, combinations, files) without training")
-    p.add_argument("recipe")
+    p.add_argument("recipe", nargs="?", help="the recipe (not needed with --keys)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--print", action="store_true", help="print the resolved config")
     p.add_argument("--keys", action="store_true", help="list every recipe key with its default and help, then exit")
@@ -166,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "LoRA for pipe.load_lora_weights, in lora/), kohya (kohya/ComfyUI LoRA, in kohya/)")
     p.set_defaults(func=_export)
 
-    for name, help in (("sample", "draw a sample grid"), ("eval", "score samples: FD, KID, precision/recall, class accuracy, speed")):
+    for name, help in (("sample", "draw a grid of samples"), ("eval", "score samples: FD, KID, precision/recall, class accuracy, speed")):
         p = sub.add_parser(name, help=f"{help} from a run directory, an export, or a teacher with --solver")
         p.add_argument("target", help="run directory, exported pipeline directory, or teacher (local dir or hub id) with --solver")
         p.add_argument("--checkpoint", default="latest", help="for a run: 'latest', 'best' or a checkpoint directory")

@@ -1,7 +1,8 @@
 """How good is a sampler: the scoring harness behind ``distill eval``, the evaluation during
 training and ``scripts/bench_quality.py``.
 
-A *target* is anything that draws class-conditional (or unconditional) images from a seed:
+A *target* is anything that draws class-conditional (or unconditional) images from a seed
+(``distill.sampling`` says what "draw" and "sample" mean):
 a training run's student, an exported pipeline under its own few-step scheduler, or the
 teacher under a stock diffusers solver (DDIM, DPM-Solver++) at a given step count, the
 baseline a student has to beat. ``Scorer`` compares a target's samples with the dataset's
@@ -17,7 +18,6 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -25,35 +25,17 @@ import torch
 from torch import Tensor, nn
 
 from distill import metrics
+from distill.atomic import atomic_file
 from distill.data import reference_set
 from distill.features import extract, load_classifier, load_extractor
+from distill.runs import STUDENT, load_run
+from distill.sampling import draw, draw_student, sample_teacher
+from distill.schedulers import SOLVER_NAMES, baseline_solvers, solver_label
 
-# (num, seed) -> (images [0, 1], labels): class labels [num] (class-conditional), the prompts
-# (text-conditioned: a list of num strings) or None (unconditional)
-Generate = Callable[..., tuple[Tensor, "Tensor | list[str] | None"]]  # (num, seed, clamp=True)
+# (num, seed, clamp=True) -> (images [0, 1], labels): class labels [num] (class-conditional), the
+# prompts (text-conditioned: a list of num strings) or None (unconditional)
+Draw = Callable[..., tuple[Tensor, "Tensor | list[str] | None"]]
 BASELINE_STEPS = (1, 2, 4, 8, 25, 50)
-
-
-def _solvers(flow: bool = False) -> dict[str, Callable]:
-    """The baseline solvers by name, configured from a teacher's scheduler config. On a
-    flow-matching schedule "ddim" is its deterministic analogue, the flow Euler step, and
-    DPM-Solver++ runs on flow sigmas with the teacher's shift."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
-
-    if flow:
-        def dpmsolver(config):
-            return DPMSolverMultistepScheduler.from_config(
-                config, algorithm_type="dpmsolver++", use_flow_sigmas=True, prediction_type="flow_prediction",
-                flow_shift=config.get("shift", 1.0))
-
-        return {"ddim": FlowMatchEulerDiscreteScheduler.from_config, "dpmsolver++": dpmsolver}
-    return {
-        "ddim": partial(DDIMScheduler.from_config, timestep_spacing="trailing"),
-        "dpmsolver++": partial(DPMSolverMultistepScheduler.from_config, algorithm_type="dpmsolver++"),
-    }
-
-
-SOLVER_NAMES = {"ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}
 
 
 # ---------------------------------------------------------------------------- reference features
@@ -69,9 +51,8 @@ def reference_features(extractor: nn.Module, *, dataset_key: str, images: Callab
         return load_file(path)["features"]
     features = extract(extractor, images(), batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial_path = path.with_suffix(f".partial-{os.getpid()}")
-    save_file({"features": features.contiguous()}, partial_path, metadata={"dataset": dataset_key, "extractor": extractor.identity})
-    partial_path.replace(path)
+    with atomic_file(path) as partial:
+        save_file({"features": features.contiguous()}, partial, metadata={"dataset": dataset_key, "extractor": extractor.identity})
     return features
 
 
@@ -133,34 +114,12 @@ class Scorer:
 # ---------------------------------------------------------------------------- targets
 @dataclass
 class Target:
-    """Something that draws images: ``generate(num, seed, clamp=True) -> (images [0, 1], labels)``
-    (``clamp=False``: on the [0, 1] scale, values outside it kept)."""
+    """Something that draws images (``distill.sampling``): ``draw(num, seed, clamp=True) ->
+    (images [0, 1], labels)`` (``clamp=False``: on the [0, 1] scale, values outside it kept)."""
 
     name: str
     steps: int
-    generate: Generate
-
-
-def balanced_labels(num: int, num_classes: int | None) -> Tensor | None:
-    """0, 1, ..., num_classes-1, 0, 1, ... so every class is equally represented."""
-    return None if num_classes is None else torch.arange(num) % num_classes
-
-
-@torch.no_grad()
-def sample_teacher(teacher, scheduler_class, num_steps: int, noise: Tensor, cond: dict, guidance_scale: float = 1.0,
-                   generator: torch.Generator | None = None) -> Tensor:
-    """The teacher sampled with a stock diffusers scheduler (e.g. DDIMScheduler,
-    DPMSolverMultistepScheduler), built from the teacher's own scheduler config: the
-    baseline a distilled student has to beat. Returns x0 [B, C, H, W]."""
-    scheduler = scheduler_class.from_config(teacher.scheduler_config)
-    scheduler.set_timesteps(num_steps)
-    # flow-matching schedulers have neither: their x_t at sigma = 1 is the noise itself
-    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
-    for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        out = teacher.guided_output(teacher.denoiser, x_in, t.expand(x.shape[0]).to(x.device), cond, guidance_scale)
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
-    return x
+    draw: Draw
 
 
 class _Scheduler:
@@ -170,47 +129,22 @@ class _Scheduler:
         self.from_config = build
 
 
-@torch.no_grad()
-def draw(teacher, sample_x0: Callable, num: int, seed: int, batch_size: int, device,
-         prompts: list[str] | None = None, clamp: bool = True) -> tuple[Tensor, "Tensor | list[str] | None"]:
-    """Images [num, C, H, W] in [0, 1] and what they were conditioned on, in batches:
-    ``prompts`` (cycled to ``num``) for a text-conditioned teacher, else balanced class labels
-    (or None, unconditional); ``sample_x0(noise, cond, generator) -> x0``. The initial noise
-    and every later draw come from one CPU generator seeded with ``seed``, in the order
-    diffusers' loops draw them. ``clamp=False`` keeps the values outside [0, 1] that the sampler
-    produced (``Scorer`` counts them, then clamps as the pipelines do)."""
-    generator = torch.Generator().manual_seed(seed)
-    if prompts is not None:
-        if not prompts:
-            raise ValueError("draw: prompts is an empty list")
-        labels = [prompts[i % len(prompts)] for i in range(num)]
-    else:
-        labels = balanced_labels(num, teacher.num_classes)
-    chunks = []
-    for start in range(0, num, batch_size):
-        n = min(batch_size, num - start)
-        if isinstance(labels, list):
-            cond = teacher.condition({"prompt": labels[start : start + n]})
-        else:
-            cond = teacher.condition({"class_label": labels[start : start + n]}) if labels is not None else {}
-        cond = {k: v.to(device) for k, v in cond.items()}
-        noise = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
-        chunks.append(teacher.decode(sample_x0(noise, cond, generator), clamp=clamp).float().cpu())
-    return torch.cat(chunks), labels
+def _pipeline_draw(teacher, scheduler_class, steps: int, *, guidance_scale: float, batch_size: int, device,
+                   prompts: list[str] | None = None) -> Draw:
+    """``draw`` for a diffusers pipeline's denoiser under a stock scheduler loop."""
 
-
-def pipeline_generate(teacher, scheduler_class, steps: int, *, guidance_scale: float, batch_size: int, device,
-                      prompts: list[str] | None = None) -> Generate:
-    """``generate`` for a diffusers pipeline's denoiser under a stock scheduler loop."""
-
-    def sample_x0(noise: Tensor, cond: dict, generator: torch.Generator) -> Tensor:
+    def sample(noise: Tensor, cond: dict, generator: torch.Generator) -> Tensor:
         return sample_teacher(teacher, scheduler_class, steps, noise, cond, guidance_scale, generator)
 
-    return lambda num, seed, clamp=True: draw(teacher, sample_x0, num, seed, batch_size, device, prompts, clamp)
+    return lambda num, seed, clamp=True: draw(teacher, sample, num, seed, batch_size, device, prompts, clamp)
 
 
-def teacher_target(path: str, solver: str, steps: int, *, guidance_scale: float = 1.0, batch_size: int = 500,
-                   device="cpu", revision: str | None = None, prompts: list[str] | None = None) -> Target:
+def _steps(steps: int) -> str:
+    return f"{steps} step{'s' * (steps > 1)}"
+
+
+def teacher_target(path: str, solver: str, steps: int, *, guidance_scale: float, batch_size: int, device="cpu",
+                   revision: str | None = None, prompts: list[str] | None = None) -> Target:
     """The teacher (hub id or local pipeline directory) under DDIM or DPM-Solver++."""
     from distill.schedules import FlowSchedule
     from distill.teachers import load_teacher
@@ -218,61 +152,56 @@ def teacher_target(path: str, solver: str, steps: int, *, guidance_scale: float 
     if solver not in SOLVER_NAMES:
         raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(SOLVER_NAMES)}")
     teacher = load_teacher(path, revision)
-    solvers = _solvers(flow=isinstance(teacher.schedule, FlowSchedule))
+    flow = isinstance(teacher.schedule, FlowSchedule)
     teacher.to(device)
-    generate = pipeline_generate(teacher, _Scheduler(solvers[solver]), steps, guidance_scale=guidance_scale,
+    target_draw = _pipeline_draw(teacher, _Scheduler(baseline_solvers(flow)[solver]), steps, guidance_scale=guidance_scale,
                                  batch_size=batch_size, device=device, prompts=prompts)
-    label = "Euler" if solver == "ddim" and isinstance(teacher.schedule, FlowSchedule) else SOLVER_NAMES[solver]
-    return Target(f"teacher, {label}, {steps} step{'s' * (steps > 1)}", steps, generate)
+    return Target(f"teacher, {solver_label(solver, flow)}, {_steps(steps)}", steps, target_draw)
 
 
-def export_target(path: str | Path, steps: int | None = None, *, batch_size: int = 500, device="cpu",
+def export_target(path: str | Path, steps: int | None = None, *, batch_size: int, device="cpu",
                   prompts: list[str] | None = None) -> Target:
     """An exported pipeline directory under its own (few-step) scheduler; ``steps`` defaults
     to the number the student was trained for (from the export's recipe)."""
     import yaml
     from diffusers import DiffusionPipeline
 
+    from distill.export import RECIPE_FILE
     from distill.teachers import teacher_from_pipeline
 
     path = Path(path)
     pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True)
     exported = teacher_from_pipeline(pipe)
     exported.to(device)
-    recipe = path / "distill_recipe.yaml"
+    recipe = path / RECIPE_FILE
     if steps is None:
         steps = len(yaml.safe_load(recipe.read_text())["student"]["timesteps"]) if recipe.is_file() else 1
-    generate = pipeline_generate(exported, type(pipe.scheduler), steps, guidance_scale=1.0, batch_size=batch_size, device=device,
-                                 prompts=prompts)
-    return Target(f"export {path.name}, {steps} step{'s' * (steps > 1)}", steps, generate)
+    target_draw = _pipeline_draw(exported, type(pipe.scheduler), steps, guidance_scale=1.0, batch_size=batch_size,
+                                 device=device, prompts=prompts)
+    return Target(f"export {path.name}, {_steps(steps)}", steps, target_draw)
 
 
-def run_target(run_dir: str | Path, checkpoint: str = "latest", steps: int | None = None, *, batch_size: int = 500,
+def run_target(run_dir: str | Path, checkpoint: str = "latest", steps: int | None = None, *, batch_size: int,
                device="cpu", prompts: list[str] | None = None) -> tuple[Target, dict]:
     """A training run's student (EMA weights of ``checkpoint``: 'latest', 'best' or a
-    directory) under its own few-step sampler; also returns the run's resolved config."""
-    from distill.export import load_run
+    directory) under its own few-step sampler; also returns the run's resolved recipe."""
     from distill.students import FewStepSampler, load_student
     from distill.teachers import load_teacher
-    from distill.trainer import generate as generate_student
 
-    from distill.config import from_dict
-
-    config, ckpt = load_run(run_dir, checkpoint)
-    run = from_dict(config, str(Path(run_dir) / "config.yaml"))
+    run = load_run(run_dir, checkpoint)
+    config = run.config
     # the run's teacher dtype on a GPU; float32 on the CPU, where half precision is slow or missing
-    dtype = getattr(torch, run.teacher.dtype) if torch.device(device).type == "cuda" else torch.float32
-    teacher = load_teacher(run.teacher.path, run.teacher.revision, dtype=dtype, image_size=run.data.resolution)
+    dtype = getattr(torch, config.teacher.dtype) if torch.device(device).type == "cuda" else torch.float32
+    teacher = load_teacher(config.teacher.path, config.teacher.revision, dtype=dtype, image_size=config.data.resolution)
     teacher.to(device)
-    student = load_student(teacher.denoiser, ckpt / "student").to(device)
-    timesteps = run.student.timesteps[: steps or None]
-    sampler = FewStepSampler(timesteps, teacher.schedule)
+    student = load_student(teacher.denoiser, run.checkpoint / STUDENT).to(device)
+    sampler = FewStepSampler(config.student.timesteps[: steps or None], teacher.schedule)
 
-    def generate(num: int, seed: int, clamp: bool = True):
-        return generate_student(teacher, student, sampler, num, seed, batch_size, device, prompts, clamp)
+    def target_draw(num: int, seed: int, clamp: bool = True):
+        return draw_student(teacher, student, sampler, num, seed, batch_size, device, prompts, clamp)
 
-    name = f"student {Path(run_dir).name} ({ckpt.name}), {len(sampler)} step{'s' * (len(sampler) > 1)}"
-    return Target(name, len(sampler), generate), config
+    name = f"student {Path(run_dir).name} ({run.checkpoint.name}), {_steps(len(sampler))}"
+    return Target(name, len(sampler), target_draw), run.recipe
 
 
 # ---------------------------------------------------------------------------- speed and tables
@@ -281,18 +210,18 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_speed(generate: Generate, *, batch_size: int, device="cpu", warmup: int = 2, repeats: int = 5) -> dict[str, float]:
+def measure_speed(target_draw: Draw, *, batch_size: int, device="cpu", warmup: int = 2, repeats: int = 5) -> dict[str, float]:
     """Latency of one image (batch 1) and throughput at ``batch_size``, each the median of
     ``repeats`` timed calls after ``warmup`` untimed ones (allocator, kernels, caches)."""
 
     def median_seconds(num: int) -> float:
         for _ in range(warmup):
-            generate(num, 0)
+            target_draw(num, 0)
         times = []
         for _ in range(repeats):
             _synchronize(device)
             start = time.perf_counter()
-            generate(num, 0)
+            target_draw(num, 0)
             _synchronize(device)
             times.append(time.perf_counter() - start)
         return statistics.median(times)

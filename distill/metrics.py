@@ -41,7 +41,7 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
     return float(metric.compute())
 
 
-def kernel_distance(real: Tensor, fake: Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+def kernel_distance(real: Tensor, fake: Tensor, subsets: int, subset_size: int, seed: int = 0) -> tuple[float, float]:
     """Kernel Inception Distance (Bińkowski et al. 2018, eq. 2 with the cubic polynomial
     kernel): unbiased MMD² averaged over random subsets; returns (mean, std over subsets).
     ``subset_size`` is capped at the smaller set's size; the subsets are drawn from ``seed``."""
@@ -57,7 +57,7 @@ def kernel_distance(real: Tensor, fake: Tensor, subsets: int = 100, subset_size:
     return float(mean), float(std)
 
 
-def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk: int = 2048) -> tuple[float, float]:
+def precision_recall(real: Tensor, fake: Tensor, k: int, chunk: int = 2048) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019, eqs. 1-2).
 
     Each set's manifold is the union of balls around its points whose radius is the distance

@@ -83,34 +83,6 @@ class _Schedule:
             return alpha * x_t - sigma * model_output
         return x_t - sigma * model_output  # flow
 
-    def to_eps(
-        self, model_output: Tensor, x_t: Tensor, t: Tensor | float | int, prediction_type: str | None = None
-    ) -> Tensor:
-        """epsilon estimate [B, ...] from a model output; the v and flow forms avoid dividing by a small sigma."""
-        kind = self._check(prediction_type)
-        alpha, sigma = self._coeffs(x_t, t)
-        if kind == "epsilon":
-            return model_output
-        if kind == "sample":
-            return (x_t - alpha * model_output) / sigma
-        if kind == "v_prediction":
-            return sigma * x_t + alpha * model_output
-        return x_t + (1 - sigma) * model_output  # flow: eps = v + x0
-
-    def from_x0(self, x0: Tensor, x_t: Tensor, t: Tensor | float | int, prediction_type: str | None = None) -> Tensor:
-        """The model output [B, ...] for which ``to_x0`` returns ``x0`` at (x_t, t): the inverse of ``to_x0``.
-
-        epsilon: (x_t - alpha * x0) / sigma; v_prediction: alpha * eps - sigma * x0; sample: x0;
-        flow: (x_t - x0) / sigma. Divides by sigma, so t must not be the noise-free timestep."""
-        kind = self._check(prediction_type)
-        alpha, sigma = self._coeffs(x_t, t)
-        if kind == "sample":
-            return x0
-        if kind == "flow":
-            return (x_t - x0) / sigma
-        eps = (x_t - alpha * x0) / sigma
-        return eps if kind == "epsilon" else alpha * eps - sigma * x0
-
     def target(self, x0: Tensor, noise: Tensor, t: Tensor | float | int, prediction_type: str | None = None) -> Tensor:
         """Denoising regression target [B, ...] for clean ``x0`` noised with ``noise`` at ``t``: epsilon -> noise,
         sample -> x0, v_prediction -> alpha * noise - sigma * x0 (diffusers ``get_velocity``), flow -> noise - x0."""
@@ -225,16 +197,15 @@ def schedule_from_config(config: dict) -> DDPMSchedule | FlowSchedule:
     name = config.get("_class_name")
     if name is None:  # scheduler.config lacks it; save_config / to_json_string add it
         raise ValueError("config has no '_class_name'; pass the scheduler_config.json dict")
-    if name and "FlowMatch" in name:
-        return FlowSchedule(config.get("num_train_timesteps", 1000), config.get("shift", 1.0),
-                            config.get("use_dynamic_shifting", False))
-    if config.get("use_flow_sigmas"):  # DPM-Solver/UniPC run on a flow schedule, shifted by flow_shift
-        return FlowSchedule(config.get("num_train_timesteps", 1000), config.get("flow_shift", 1.0),
-                            config.get("use_dynamic_shifting", False))
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
     if not (inspect.isclass(cls) and issubclass(cls, diffusers.SchedulerMixin)):
         raise ValueError(f"unknown scheduler class {name!r}: expected a diffusers DDPM-family or FlowMatch scheduler")
     own = cls.from_config(config)
+    resolved = own.config  # the config with the class's own defaults filled in
+    flow_shift = resolved.get("shift") if "FlowMatch" in name else (
+        resolved.get("flow_shift") if resolved.get("use_flow_sigmas") else None)  # DPM-Solver / UniPC on flow sigmas
+    if flow_shift is not None:
+        return FlowSchedule(resolved.num_train_timesteps, flow_shift, resolved.get("use_dynamic_shifting", False))
     if not hasattr(own, "alphas_cumprod"):
         raise ValueError(f"scheduler class {name!r} has no alphas_cumprod and is not a flow-matching scheduler")
     ddpm_keys = inspect.signature(diffusers.DDPMScheduler.__init__).parameters
@@ -243,15 +214,9 @@ def schedule_from_config(config: dict) -> DDPMSchedule | FlowSchedule:
         alphas_cumprod = ddpm.alphas_cumprod
     except NotImplementedError:
         alphas_cumprod = own.alphas_cumprod
-    # the DDPM-family defaults: clip_sample is on unless the config turns it off (DDPMScheduler, DDIMScheduler)
-    thresholding = ((config.get("dynamic_thresholding_ratio", 0.995), config.get("sample_max_value", 1.0))
-                    if config.get("thresholding") else None)
-    clip = config.get("clip_sample_range", 1.0) if config.get("clip_sample", _clips_by_default(cls)) else None
-    return DDPMSchedule(alphas_cumprod, config.get("prediction_type") or "epsilon", clip_sample_range=clip,
+    # what the class does to each x0 while sampling, its own defaults filled in (DDPM / DDIM clip unless told not to)
+    thresholding = ((resolved.dynamic_thresholding_ratio, resolved.sample_max_value)
+                    if resolved.get("thresholding") else None)
+    clip = resolved.clip_sample_range if resolved.get("clip_sample") else None
+    return DDPMSchedule(alphas_cumprod, resolved.get("prediction_type") or "epsilon", clip_sample_range=clip,
                         thresholding=thresholding)
-
-
-def _clips_by_default(cls: type) -> bool:
-    """Whether scheduler class ``cls`` clips x0 when its config does not say (DDPM / DDIM: yes)."""
-    parameter = inspect.signature(cls.__init__).parameters.get("clip_sample")
-    return bool(parameter.default) if parameter is not None else False

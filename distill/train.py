@@ -12,6 +12,7 @@ import sys
 
 from distill import config as config_lib
 from distill.errors import NonFiniteError
+from distill.runs import check_new_run
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(__doc__)
         return None
     config = config_lib.load(argv[0], argv[1:])  # every recipe error surfaces here, before any weights load
-    config_lib.check_output_dir(config, argv[0])
+    check_new_run(config, argv[0])
     from distill.trainer import DistillTrainer
 
     trainer = DistillTrainer(config)

@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 METHODS = {  # name -> (recipe, overrides)
     "ADD": ("recipes/digits-add-1step.yaml", []),
     "LADD": ("recipes/digits-ladd-1step.yaml", []),
-    "DMD2 + GAN (fake-score head)": ("recipes/digits-dmd2-1step.yaml", ["method.gan_weight=3.0e-3", "method.critic_gan_weight=1.0e-2"]),
+    "DMD2 + GAN (fake-score head)": ("recipes/digits-dmd2-1step.yaml", ["method.gan.weight=3.0e-3", "method.gan.critic_weight=1.0e-2"]),
     "DMD2 + DINOv2 discriminator": ("recipes/digits-dmd2-dinov2-1step.yaml", []),
 }
 REGULARISERS = {"none": "none", "approximated R1": "approximated", "R1": "exact"}
@@ -77,7 +77,7 @@ def main() -> None:
             if (out / "ablation.json").is_file():  # a finished run: reuse its result
                 result = json.loads((out / "ablation.json").read_text())
             else:
-                reg = [f"method.r1.kind={kind}", f"method.r1.weight={args.r1_weight}", "method.r1.sigma=0.01"]
+                reg = [f"method.gan.r1.kind={kind}", f"method.gan.r1.weight={args.r1_weight}", "method.gan.r1.sigma=0.01"]
                 result = run(recipe, overrides + reg, out, args.steps)
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "ablation.json").write_text(json.dumps(result, indent=2))

@@ -94,7 +94,7 @@ def overrides(mode: str, *, teacher: Path, data: Path, run: Path, rank: int, ste
     return [
         f"teacher.path={teacher}", f"data.path={data}", "data.resolution=32", "data.batch_size=2", f"output_dir={run}",
         f"student.lora.rank={rank * student_lora}", f"method.fake_score_lora.rank={rank * fake_lora}",
-        "method.fake_score_updates=1", "method.discriminator.head_width=16", f"train.max_steps={steps}",
+        "method.critic_updates=1", "method.gan.discriminator.head_width=16", f"train.max_steps={steps}",
         f"train.checkpoint_every={steps}", "train.sample_every=0", "train.max_minutes=null", "optim.student.warmup_steps=0",
         "optim.critic.warmup_steps=0", "eval.every=0", "eval.features=[]", "eval.clip=null", *precision,
     ]

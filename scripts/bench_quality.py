@@ -53,7 +53,7 @@ def main() -> None:
     def add(target: evaluate.Target | None, name: str, images, labels) -> None:
         row = {"name": name, **scorer(images, labels)}
         if target is not None:
-            row.update(evaluate.measure_speed(target.generate, batch_size=args.batch, warmup=1, repeats=3))
+            row.update(evaluate.measure_speed(target.draw, batch_size=args.batch, warmup=1, repeats=3))
         rows.append(row)
         print(evaluate.markdown_table([row], ["classifier"]).splitlines()[-1], flush=True)
 
@@ -61,12 +61,12 @@ def main() -> None:
     add(None, f"real held-out digits ({len(held_labels)})", (held_out + 1) / 2, held_labels)
     for steps in [int(s) for s in args.teacher_steps.split(",")]:
         for solver in evaluate.SOLVER_NAMES:
-            target = evaluate.teacher_target(args.teacher, solver, steps, batch_size=args.batch)
-            add(target, target.name, *target.generate(args.num, args.seed, clamp=False))
+            target = evaluate.teacher_target(args.teacher, solver, steps, guidance_scale=1.0, batch_size=args.batch)
+            add(target, target.name, *target.draw(args.num, args.seed, clamp=False))
     for spec in args.run:
         run, _, checkpoint = spec.partition(":")
         target, _ = evaluate.run_target(run, checkpoint or "latest", batch_size=args.batch)
-        add(target, target.name, *target.generate(args.num, args.seed, clamp=False))
+        add(target, target.name, *target.draw(args.num, args.seed, clamp=False))
 
     header = (
         f"{args.num} samples per row (seed {args.seed}, balanced labels); reference: the 1,437 training digits in the "

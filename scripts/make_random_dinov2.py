@@ -7,7 +7,7 @@ the digits recipes that use the dinov2 backbone read this stand-in instead: the 
 architecture (transformers' Dinov2Model, loaded through from_pretrained), 4 layers of width
 96 on 56x56 inputs (16 patches of 14x14), fixed seed. Its features are random projections,
 not DINOv2's; results with it say nothing about DINOv2 features. It is generated, not
-committed (.gitignore). On a machine with the Hub, point method.discriminator.dinov2 at
+committed (.gitignore). On a machine with the Hub, point method.gan.discriminator.dinov2 at
 facebook/dinov2-small instead.
 """
 

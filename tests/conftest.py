@@ -223,7 +223,7 @@ def tiny_overrides(teacher: Path, classifier: Path | None, output_dir: Path, **e
         "train.num_grid_samples": 4,
         "train.log_every": 1,
         "train.max_minutes": "null",
-        "method.fake_score_updates": 1,
+        "method.critic_updates": 1,
     }
     values["eval.cache_dir"] = str(output_dir.parent / "reference-cache")
     values.update(extra)

@@ -192,8 +192,8 @@ def test_approximated_r1_in_bfloat16_is_within_ten_percent_of_float32(tiny_teach
 )
 def test_recipe_trains_heads_and_student_never_the_backbone(name, r1, tiny_teacher, tiny_dinov2, tmp_path):
     overrides = tiny_overrides(tiny_teacher, None, tmp_path / "run", **{
-        "method.discriminator.dinov2": str(tiny_dinov2), "method.discriminator.head_width": 8,
-        "method.r1.kind": r1, "train.sample_every": 0, "train.ema_decay": 0})
+        "method.gan.discriminator.dinov2": str(tiny_dinov2), "method.gan.discriminator.head_width": 8,
+        "method.gan.r1.kind": r1, "train.sample_every": 0, "train.ema_decay": 0})
     trainer = DistillTrainer(config_lib.load(RECIPES[name], overrides))
     trainer.setup()
     critic = trainer.accelerator.unwrap_model(trainer.critic)
@@ -217,7 +217,7 @@ def test_recipe_trains_heads_and_student_never_the_backbone(name, r1, tiny_teach
 @pytest.mark.parametrize("r1", ["none", "approximated", "exact", "r2"])
 def test_dmd2_fake_score_heads_are_the_shared_heads_and_train_with_each_regulariser(r1, tiny_teacher, tmp_path):
     overrides = tiny_overrides(tiny_teacher, None, tmp_path / "run", **{
-        "method.gan_weight": 0.5, "method.discriminator.head_width": 8, "method.r1.kind": r1,
+        "method.gan.weight": 0.5, "method.gan.discriminator.head_width": 8, "method.gan.r1.kind": r1,
         "train.sample_every": 0, "train.ema_decay": 0})
     trainer = DistillTrainer(config_lib.load(RECIPES["dmd2"], overrides))
     trainer.setup()
@@ -240,31 +240,33 @@ def test_dmd2_fake_score_heads_are_the_shared_heads_and_train_with_each_regulari
 
 def test_gan_loss_defaults_to_each_papers_loss(tiny_teacher):
     base = [f"teacher.path={tiny_teacher}", "eval.features=[]", "eval.every=0", "eval.classifier=null"]
-    assert config_lib.load(RECIPES["dmd2"], base).method.gan_loss == "non_saturating"
-    add = ["method.name=add", "method.gan_weight=1", "method.discriminator.backbone=teacher", "method.gan_loss=null"]
-    assert config_lib.load(RECIPES["dmd2"], base + add).method.gan_loss == "hinge"
-    assert config_lib.load(RECIPES["dmd2"], base + add[:-1] + ["method.gan_loss=relativistic"]).method.gan_loss == "relativistic"
+    assert config_lib.load(RECIPES["dmd2"], base).method.gan.loss == "non_saturating"
+    add = ["method.name=add", "method.gan.weight=1", "method.gan.discriminator.backbone=teacher", "method.gan.loss=null"]
+    assert config_lib.load(RECIPES["dmd2"], base + add).method.gan.loss == "hinge"
+    assert config_lib.load(RECIPES["dmd2"], base + add[:-1] + ["method.gan.loss=relativistic"]).method.gan.loss == "relativistic"
 
 
 @pytest.mark.parametrize(
     "overrides, key, message",
     [
-        (["method.name=add", "method.gan_weight=1"], "method.discriminator.backbone", "ADD has no fake score network"),
-        (["method.name=add", "method.discriminator.backbone=teacher", "method.gan_weight=0"], "method.gan_weight", "needs method.gan_weight > 0"),
-        (["method.discriminator.augment=true", "method.gan_weight=1"], "method.discriminator.augment", "ADD only"),
-        (["method.discriminator.backbone=teacher", "method.gan_weight=0"], "method.discriminator.backbone", "but method.gan_weight is 0"),
-        (["method.name=add", "method.gan_weight=1", "method.discriminator.backbone=dinov2",
-          "method.discriminator.dinov2=./no/dinov2"], "method.discriminator.dinov2", "has no config.json"),
-        (["method.distill_weighting=snr"], "method.distill_weighting", "snr"),
+        (["method.name=add", "method.gan.weight=1"], "method.gan.discriminator.backbone", "ADD has no fake score network"),
+        (["method.name=add", "method.gan.discriminator.backbone=teacher", "method.gan.weight=0"], "method.gan.weight", "needs method.gan.weight > 0"),
+        (["method.gan.discriminator.augment=true", "method.gan.weight=1"], "method.gan.discriminator.augment", "ADD only"),
+        (["method.gan.discriminator.backbone=teacher", "method.gan.weight=0"], "method.gan.discriminator.backbone", "but method.gan.weight is 0"),
+        (["method.name=add", "method.gan.weight=1", "method.gan.discriminator.backbone=dinov2",
+          "method.gan.discriminator.dinov2=./no/dinov2"], "method.gan.discriminator.dinov2", "has no config.json"),
+        (["method.name=add", "method.gan.discriminator.backbone=teacher", "method.distill_weighting=snr"],
+         "method.distill_weighting", "snr"),
+        (["method.distill_weight=1"], "method.distill_weight", "unknown key; method (dmd2) takes"),  # ADD's own key
     ],
 )
 def test_add_settings_are_checked_before_weights_load(overrides, key, message, tiny_teacher, tmp_path):
     with pytest.raises(config_lib.ConfigError) as excinfo:
-        config_lib.load(RECIPES["add"], [
+        config_lib.load(RECIPES["dmd2"], [
             f"teacher.path={tiny_teacher}", "eval.features=[]", "eval.every=0", "eval.classifier=null",
             # start from a valid DMD2 setting, then apply the case's overrides
-            "method.name=dmd2", "method.discriminator.backbone=fake_score", "method.r1.kind=none",
-            "method.discriminator.dinov2=org/name", *overrides])
+            "method.name=dmd2", "method.gan.discriminator.backbone=fake_score", "method.gan.r1.kind=none",
+            "method.gan.discriminator.dinov2=org/name", *overrides])
     assert f"{key}:" in str(excinfo.value) and message in str(excinfo.value)
 
 
@@ -294,7 +296,7 @@ def test_ladd_two_process_launch(tiny_teacher, tmp_path):
     run = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill.train",
-               RECIPES["ladd"], *tiny_overrides(tiny_teacher, None, run, **{"train.sample_every": 0, "method.discriminator.head_width": 8})]
+               RECIPES["ladd"], *tiny_overrides(tiny_teacher, None, run, **{"train.sample_every": 0, "method.gan.discriminator.head_width": 8})]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -23,7 +23,7 @@ DIGITS_RECIPES = [r for r in RECIPES if r.name.startswith("digits-")]  # the tex
 def tiny(tiny_teacher, tiny_classifier, tiny_dinov2) -> list[str]:
     """Overrides pointing a recipe at the tiny fixtures instead of models/ (the DINOv2 one
     only matters to recipes with the dinov2 backbone)."""
-    return [f"teacher.path={tiny_teacher}", f"eval.classifier={tiny_classifier}", f"method.discriminator.dinov2={tiny_dinov2}"]
+    return [f"teacher.path={tiny_teacher}", f"eval.classifier={tiny_classifier}", f"method.gan.discriminator.dinov2={tiny_dinov2}"]
 
 
 def write_recipe(tmp_path: Path, data, tiny_teacher: Path | None = None, name: str = "recipe.yaml") -> Path:
@@ -54,7 +54,7 @@ def test_defaults_with_tiny_models(tiny, tiny_teacher, tiny_classifier):
     assert config.eval.classifier == str(tiny_classifier)
     assert config.student.timesteps == [500]
     assert config.method.name == "dmd2"
-    assert config.method.r1.kind == "none"
+    assert config.method.gan.r1.kind == "none"
     assert config.optim.student.lr == 1e-5
     assert config.optim.critic.lr == 1e-4
     assert config.optim.student.betas == [0.0, 0.999]
@@ -104,8 +104,8 @@ def test_distill_eval_settings_accept_only_eval_and_data_keys():
 
 BAD_RECIPES = {
     "unknown-top-level": ({"lerning_rate": 1e-4}, "lerning_rate"),
-    "unknown-nested": ({"method": {"gan_wieght": 0.1}}, "method.gan_wieght"),
-    "unknown-deeply-nested": ({"method": {"r1": {"kind": "exact", "gamma": 1}}}, "method.r1.gamma"),
+    "unknown-nested": ({"method": {"dmd_wieght": 0.1}}, "method.dmd_wieght"),
+    "unknown-deeply-nested": ({"method": {"gan": {"r1": {"kind": "exact", "gamma": 1}}}}, "method.gan.r1.gamma"),
     "str-for-int": ({"data": {"batch_size": "big"}}, "data.batch_size"),
     "int-for-list": ({"student": {"timesteps": 500}}, "student.timesteps"),
     "bool-for-int": ({"data": {"batch_size": True}}, "data.batch_size"),
@@ -113,9 +113,9 @@ BAD_RECIPES = {
     "str-for-float": ({"optim": {"student": {"lr": "fast"}}}, "optim.student.lr"),
     "float-in-int-list": ({"student": {"timesteps": [999.5]}}, "student.timesteps"),
     "scalar-for-section": ({"method": "dmd2"}, "method"),
-    "bad-literal": ({"method": {"gan_loss": "wasserstein"}}, "method.gan_loss"),
+    "bad-literal": ({"method": {"gan": {"loss": "wasserstein"}}}, "method.gan.loss"),
     "bad-literal-precision": ({"train": {"mixed_precision": "fp8"}}, "train.mixed_precision"),
-    "exact-r1-without-gan": ({"method": {"r1": {"kind": "exact"}, "gan_weight": 0}}, "method.r1.kind"),
+    "exact-r1-without-gan": ({"method": {"gan": {"r1": {"kind": "exact"}, "weight": 0}}}, "method.gan.r1.kind"),
     "ascending-timesteps": ({"student": {"timesteps": [249, 999]}}, "student.timesteps"),
     "repeated-timesteps": ({"student": {"timesteps": [999, 999]}}, "student.timesteps"),
     "zero-timestep": ({"student": {"timesteps": [999, 0]}}, "student.timesteps"),
@@ -123,7 +123,7 @@ BAD_RECIPES = {
     "timestep-too-large": ({"student": {"timesteps": [1000]}}, "student.timesteps"),
     "unreproducible-timesteps": ({"student": {"timesteps": [999, 500]}}, "student.timesteps"),
     "ema-decay-one": ({"train": {"ema_decay": 1.0}}, "train.ema_decay"),
-    "negative-gan-weight": ({"method": {"gan_weight": -0.5}}, "method.gan_weight"),
+    "negative-gan-weight": ({"method": {"gan": {"weight": -0.5}}}, "method.gan.weight"),
     "zero-batch": ({"data": {"batch_size": 0}}, "data.batch_size"),
     "bad-betas": ({"optim": {"critic": {"betas": [0.5]}}}, "optim.critic.betas"),
     "t-min-above-t-max": ({"method": {"t_min": 500, "t_max": 400}}, "method.t_min"),
@@ -142,11 +142,12 @@ def test_bad_recipe_names_file_and_key(name, tiny_teacher, tmp_path):
 
 
 def test_exact_r1_error_explains_gan_weight(tiny_teacher, tmp_path):
-    message = load_error(write_recipe(tmp_path, {"method": {"r1": {"kind": "exact"}, "gan_weight": 0}}, tiny_teacher))
-    assert "method.gan_weight" in message
+    message = load_error(write_recipe(tmp_path, {"method": {"gan": {"r1": {"kind": "exact"}, "weight": 0}}}, tiny_teacher))
+    assert "method.gan.weight" in message
     # the same regulariser is fine once the GAN head is on
-    config = config_lib.load(write_recipe(tmp_path, {"method": {"r1": {"kind": "exact"}, "gan_weight": 0.1}}, tiny_teacher, "ok.yaml"))
-    assert config.method.r1.kind == "exact" and config.method.gan_weight == 0.1
+    config = config_lib.load(write_recipe(tmp_path, {"method": {"gan": {"r1": {"kind": "exact"}, "weight": 0.1}}}, tiny_teacher,
+                                          "ok.yaml"))
+    assert config.method.gan.r1.kind == "exact" and config.method.gan.weight == 0.1
 
 
 def test_unreproducible_timesteps_suggests_stock_ones(tiny_teacher, tmp_path):
@@ -158,13 +159,13 @@ def test_unreproducible_timesteps_suggests_stock_ones(tiny_teacher, tmp_path):
 def test_wrong_type_error_says_what_was_expected(tiny_teacher, tmp_path):
     message = load_error(write_recipe(tmp_path, {"data": {"batch_size": "big"}}, tiny_teacher))
     assert "expected int" in message and "'big'" in message
-    message = load_error(write_recipe(tmp_path, {"method": {"gan_loss": "wasserstein"}}, tiny_teacher, "b.yaml"))
+    message = load_error(write_recipe(tmp_path, {"method": {"gan": {"loss": "wasserstein"}}}, tiny_teacher, "b.yaml"))
     assert "'hinge'" in message and "'wasserstein'" in message
 
 
 def test_unknown_key_lists_valid_keys(tiny_teacher, tmp_path):
-    message = load_error(write_recipe(tmp_path, {"method": {"gan_wieght": 0.1}}, tiny_teacher))
-    assert "gan_weight" in message.split("method.gan_wieght", 1)[1]
+    message = load_error(write_recipe(tmp_path, {"method": {"dmd_wieght": 0.1}}, tiny_teacher))
+    assert "dmd_weight" in message.split("method.dmd_wieght", 1)[1]
 
 
 def test_missing_teacher_dir_names_key_and_resolved_path(tmp_path, monkeypatch):
@@ -235,8 +236,8 @@ def test_override_float_written_as_exponent(tiny):
 
 
 def test_override_int_widened_to_float(tiny):
-    config = config_lib.load(None, [*tiny, "method.gan_weight=2"])
-    assert config.method.gan_weight == 2.0 and isinstance(config.method.gan_weight, float)
+    config = config_lib.load(None, [*tiny, "method.gan.weight=2"])
+    assert config.method.gan.weight == 2.0 and isinstance(config.method.gan.weight, float)
 
 
 def test_override_list_of_ints(tiny):
@@ -259,9 +260,10 @@ def test_override_beats_recipe(tiny_teacher, tmp_path):
 
 
 def test_override_nested_r1(tiny):
-    config = config_lib.load(None, [*tiny, "method.gan_weight=0.1", "method.r1.kind=approximated", "method.r1.sigma=0.05"])
-    assert config.method.r1.kind == "approximated" and config.method.r1.sigma == 0.05
-    assert config.method.r1.weight == 1.0
+    config = config_lib.load(None, [*tiny, "method.gan.weight=0.1", "method.gan.r1.kind=approximated",
+                                    "method.gan.r1.sigma=0.05"])
+    assert config.method.gan.r1.kind == "approximated" and config.method.gan.r1.sigma == 0.05
+    assert config.method.gan.r1.weight == 1.0
 
 
 def test_override_without_equals(tiny):
@@ -273,8 +275,8 @@ def test_override_without_equals(tiny):
 
 def test_override_unknown_key(tiny, tiny_teacher, tmp_path):
     path = write_recipe(tmp_path, {}, tiny_teacher)
-    message = load_error(path, ["method.gan_wieght=1"])
-    assert "method.gan_wieght" in message and str(path) in message
+    message = load_error(path, ["method.dmd_wieght=1"])
+    assert "method.dmd_wieght" in message and str(path) in message
     with pytest.raises(ConfigError, match="lerning_rate"):
         config_lib.load(None, [*tiny, "lerning_rate=1"])
 
@@ -289,7 +291,7 @@ def test_override_through_a_scalar(tiny):
         config_lib.load(None, [*tiny, "seed.value=1"])
 
 
-@pytest.mark.parametrize("override", ["optim.student.lr=nan", "optim.student.lr=.inf", "method.gan_weight=.nan"])
+@pytest.mark.parametrize("override", ["optim.student.lr=nan", "optim.student.lr=.inf", "method.gan.weight=.nan"])
 def test_non_finite_numbers_rejected(tiny, override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=re.escape(key) + ".*finite"):
@@ -311,7 +313,7 @@ def test_nested_defaults_merge(tiny_teacher, tmp_path):
 
 def test_dump_then_load_round_trips(tiny, tmp_path):
     config = config_lib.load(None, [
-        *tiny, "student.timesteps=[999,749,499,249]", "method.gan_weight=0.1", "method.r1.kind=exact",
+        *tiny, "student.timesteps=[999,749,499,249]", "method.gan.weight=0.1", "method.gan.r1.kind=exact",
         "optim.critic.betas=[0.5,0.9]", "train.max_minutes=7.5", "optim.student.lr=3e-5", "resume=latest",
     ])
     out = tmp_path / "config.yaml"
@@ -324,12 +326,18 @@ def test_dump_then_load_round_trips(tiny, tmp_path):
 
 def test_describe_covers_every_leaf_key():
     rows = {key: (help, default) for key, help, default in config_lib.describe()}
-    assert rows["method.r1.kind"][1] == "none"
+    assert rows["method.gan.r1.kind"][1] == "none"
     assert rows["optim.student.lr"][1] == 1e-5
     assert rows["student.timesteps"][1] == [500]
     assert all(help for help, _ in rows.values())
     assert "teacher" not in rows  # sections are not leaves
-    assert len(rows) == 74
+    assert len(rows) == 72  # with the default method's (dmd2) section; each method's own: describe_methods
+    methods = {name: {key: default for key, _, default in rows} for name, rows in config_lib.describe_methods().items()}
+    assert list(methods) == ["dmd2", "add", "ladd"]
+    assert methods["add"]["method.distill_weight"] == 2.5 and methods["ladd"]["method.distill_weight"] == 0.0
+    assert methods["ladd"]["method.gan.discriminator.backbone"] == "teacher"
+    assert "method.dmd_weight" not in methods["add"] and "method.gan.critic_weight" not in methods["add"]
+    assert "method.distill_weight" not in methods["dmd2"]
 
 
 def test_describe_reports_the_real_defaults():
@@ -372,21 +380,17 @@ def test_recipe_has_comment_header(recipe):
 def test_train_fails_on_config_before_loading_weights(tiny_teacher, tmp_path, monkeypatch):
     import distill.teachers
     import distill.train
+    import distill.trainer  # imported before the patch, so that it binds the real loader again afterwards
 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights loaded")
 
     monkeypatch.setattr(distill.teachers, "load_teacher", no_weights)
-    try:
-        import distill.trainer
-    except ImportError:  # pragma: no cover - trainer imports optional heavy deps
-        pass
-    else:
-        monkeypatch.setattr(distill.trainer, "load_teacher", no_weights, raising=False)
-    path = write_recipe(tmp_path, {"method": {"gan_wieght": 0.1}, "output_dir": str(tmp_path / "run")}, tiny_teacher)
+    monkeypatch.setattr(distill.trainer, "load_teacher", no_weights)
+    path = write_recipe(tmp_path, {"method": {"dmd_wieght": 0.1}, "output_dir": str(tmp_path / "run")}, tiny_teacher)
     with pytest.raises(ConfigError) as excinfo:
         distill.train.main([str(path)])
-    assert "method.gan_wieght" in str(excinfo.value)
+    assert "method.dmd_wieght" in str(excinfo.value)
     assert not (tmp_path / "run").exists()
 
 
@@ -421,10 +425,21 @@ def test_cli_validate_bad_key(tiny, capsys):
     from distill.cli import main
 
     with pytest.raises(SystemExit) as excinfo:
-        main(["validate", str(RECIPES[0]), *tiny, "method.gan_wieght=1"])
-    assert "method.gan_wieght" in str(excinfo.value)
+        main(["validate", str(RECIPES[0]), *tiny, "method.dmd_wieght=1"])
+    assert "method.dmd_wieght" in str(excinfo.value)
     assert str(excinfo.value).startswith("distill validate:")
     assert "ok" not in capsys.readouterr().out
+
+
+def test_cli_validate_keys_lists_every_method(capsys):
+    from distill.cli import main
+
+    main(["validate", "--keys"])
+    out = capsys.readouterr().out
+    assert "optim.student.lr = 1e-05" in out
+    for name in ("dmd2", "add", "ladd"):
+        assert f"method.name = {name!r}:" in out
+    assert out.split("method.name = 'add':")[1].split("method.name = 'ladd':")[0].count("method.distill_weight = 2.5") == 1
 
 
 def test_cli_validate_missing_recipe(tmp_path):
@@ -436,9 +451,9 @@ def test_cli_validate_missing_recipe(tmp_path):
 
 
 def test_hub_ids_with_dots_are_not_mistaken_for_missing_local_paths(tmp_path):
-    assert config_lib._local_or_hub("stabilityai/stable-diffusion-xl-base-1.0") is None
-    assert config_lib._local_or_hub("org/prompts.txt") is not None  # a file: a local path that does not exist
-    assert config_lib._local_or_hub(str(tmp_path)) == tmp_path
+    assert config_lib.local_or_hub("stabilityai/stable-diffusion-xl-base-1.0") is None
+    assert config_lib.local_or_hub("org/prompts.txt") is not None  # a file: a local path that does not exist
+    assert config_lib.local_or_hub(str(tmp_path)) == tmp_path
 
 
 def test_bare_no_in_yaml_reads_as_the_literal_no(tmp_path, tiny):
@@ -446,3 +461,53 @@ def test_bare_no_in_yaml_reads_as_the_literal_no(tmp_path, tiny):
     assert config.train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="train.mixed_precision"):
         config_lib.load(None, [*tiny, "train.mixed_precision=yes"])
+
+
+# --- every shipped recipe, and recipes of the shape before the method registry ----------------
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(recipe, tiny, tmp_path):
+    """Digits recipes on the tiny models; the others as shipped (hub teachers), given a data path."""
+    raw = yaml.safe_load(recipe.read_text())
+    overrides = list(tiny) if recipe.name.startswith("digits-") else []
+    if raw.get("data", {}).get("dataset") in ("prompts", "image_captions"):
+        overrides.append(f"data.path={tmp_path}")
+    config = config_lib.load(recipe, overrides)
+    assert config.method.name == raw["method"]["name"]
+    assert config.method.gan.loss is not None  # resolved to the method paper's loss
+
+
+OLD_LADD = {  # digits-ladd-1step.yaml as it was written before the method registry
+    "method": {"name": "add", "gan_loss": "hinge", "gan_weight": 1.0, "distill_weight": 0.0, "fake_score_updates": 1,
+               "discriminator": {"backbone": "teacher"}, "r1": {"kind": "approximated", "weight": 1.0e-3}},
+}
+
+
+def test_an_old_shape_recipe_says_how_to_write_it_now(tiny_teacher, tmp_path):
+    path = write_recipe(tmp_path, OLD_LADD, tiny_teacher)
+    message = load_error(path)
+    first = message.split(": this key moved: ")[0]
+    assert first.startswith(f"{path}: method.") and "(see README); this recipe also has " in message
+    for old, new in (("method.gan_loss", "method.gan.loss"), ("method.gan_weight", "method.gan.weight"),
+                     ("method.fake_score_updates", "method.critic_updates"),
+                     ("method.discriminator.backbone", "method.gan.discriminator.backbone"),
+                     ("method.r1.kind", "method.gan.r1.kind"), ("method.r1.weight", "method.gan.r1.weight")):
+        assert f"{old}: this key moved: write {new} (see README)" in message or f"{old} (now {new})" in message
+    assert "write method.name: ladd" in message
+
+
+@pytest.mark.parametrize("override, new", [
+    ("method.gan_weight=0.1", "method.gan.weight"), ("method.critic_gan_weight=0.01", "method.gan.critic_weight"),
+    ("method.fake_score_updates=2", "method.critic_updates"), ("method.r1.kind=exact", "method.gan.r1.kind"),
+    ("method.discriminator.backbone=dinov2", "method.gan.discriminator.backbone"), ("method.gan_loss=hinge", "method.gan.loss"),
+])
+def test_an_old_shape_override_says_how_to_write_it_now(override, new, tiny_teacher, tmp_path):
+    path = write_recipe(tmp_path, {}, tiny_teacher)
+    old = override.split("=")[0]
+    assert load_error(path, [override]) == f"{path}: override {old}: this key moved: write {new} (see README)"
+
+
+def test_a_run_directory_of_the_old_shape_says_how_to_read_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"config.yaml: method.gan_weight: this key moved: write method.gan.weight"):
+        config_lib.from_dict({"method": {"name": "dmd2", "gan_weight": 0.0}}, str(tmp_path / "config.yaml"))

@@ -14,7 +14,7 @@ from distill import evaluate, metrics
 from distill.cli import main as cli
 from distill.export import export
 from distill.features import Dinov2Features, dinov2_inputs, load_extractor
-from distill.trainer import find_checkpoint
+from distill.runs import find_checkpoint
 from conftest import REPO, tiny_overrides
 
 RECIPE_1STEP = str(REPO / "recipes" / "digits-dmd2-1step.yaml")

@@ -11,10 +11,12 @@ from conftest import REPO, tiny_overrides
 from diffusers import DiffusionPipeline
 
 from distill import train
-from distill.export import export, few_step_scheduler
+from distill.export import export
+from distill.schedulers import few_step_scheduler
 from distill.students import FewStepSampler
 from distill.teachers import load_teacher
-from distill.trainer import find_checkpoint, generate
+from distill.runs import find_checkpoint
+from distill.sampling import draw_student
 
 RECIPE = str(REPO / "recipes" / "digits-dmd2-1step.yaml")
 
@@ -55,7 +57,7 @@ def test_export_reproduces_the_student(tiny_teacher, tiny_classifier, tmp_path, 
 
     teacher = load_teacher(str(tiny_teacher))
     student = type(teacher.denoiser).from_pretrained(find_checkpoint(run) / "student")
-    ours, our_labels = generate(teacher, student, FewStepSampler(eval(timesteps), teacher.schedule), 12, 7, 12, "cpu")
+    ours, our_labels = draw_student(teacher, student, FewStepSampler(eval(timesteps), teacher.schedule), 12, 7, 12, "cpu")
     assert torch.equal(our_labels, labels)
     assert (ours - theirs).abs().max() < 1e-4
     card = (out / "README.md").read_text()
@@ -71,7 +73,7 @@ def test_unconditional_export_runs_as_ddpm_pipeline(tiny_uncond_teacher, tmp_pat
 
     teacher = load_teacher(str(tiny_uncond_teacher))
     student = type(teacher.denoiser).from_pretrained(find_checkpoint(run) / "student")
-    ours, _ = generate(teacher, student, FewStepSampler([999, 749, 499, 249], teacher.schedule), 3, 5, 3, "cpu")
+    ours, _ = draw_student(teacher, student, FewStepSampler([999, 749, 499, 249], teacher.schedule), 3, 5, 3, "cpu")
     assert abs(torch.from_numpy(images).permute(0, 3, 1, 2) - ours).max() < 1e-4
 
 
@@ -106,7 +108,7 @@ def test_cli_sample_of_an_export_equals_the_students_own_samples(tiny_teacher, t
     from PIL import Image
 
     from distill.cli import main as cli
-    from distill.trainer import save_grid
+    from distill.grids import save_grid
 
     run = _train(tiny_teacher, tmp_path / "run", "[999,749,499,249]")
     out = export(run, tmp_path / "export")
@@ -114,7 +116,7 @@ def test_cli_sample_of_an_export_equals_the_students_own_samples(tiny_teacher, t
 
     teacher = load_teacher(str(tiny_teacher))
     student = type(teacher.denoiser).from_pretrained(find_checkpoint(run) / "student")
-    ours, _ = generate(teacher, student, FewStepSampler([999, 749, 499, 249], teacher.schedule), 6, 7, 6, "cpu")
+    ours, _ = draw_student(teacher, student, FewStepSampler([999, 749, 499, 249], teacher.schedule), 6, 7, 6, "cpu")
     save_grid(ours, tmp_path / "ours.png")
     a = np.asarray(Image.open(tmp_path / "cli.png"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "ours.png"), dtype=np.int16)

@@ -119,8 +119,7 @@ def test_class_label_dataset_errors():
 @pytest.mark.parametrize("overrides, key, message", [
     (["data.path=labels.txt"], "data.path", "read no path"),
     (["data.cache_dir=/tmp/cache"], "data.cache_dir", "encoded by nothing"),
-    (["method.gan_weight=0.01"], "data.dataset", "classes have no real images"),
-    (["method.name=add", "method.gan_weight=1", "method.discriminator.backbone=teacher"], "data.dataset", "no real images"),
+    (["method.gan.weight=0.01"], "data.dataset", "classes have no real images"),
     (["eval.features=[dinov2]"], "eval.features", "classes have no reference images"),
     (["eval.clip=openai/clip-vit-large-patch14"], "eval.clip", "class labels have none"),
 ])
@@ -128,6 +127,11 @@ def test_classes_config_validation(overrides, key, message):
     config_lib.load(RECIPES["dit256-dmd2-1step"])  # the shipped recipe itself is valid
     with pytest.raises(ConfigError, match=rf"{key}: .*{message}"):
         config_lib.load(RECIPES["dit256-dmd2-1step"], overrides)
+
+
+def test_classes_have_no_real_images_for_ladd():
+    with pytest.raises(ConfigError, match=r"data.dataset: classes have no real images, but method ladd"):
+        config_lib.load(RECIPES["sd3-ladd-4step"], ["data.dataset=classes", "eval.clip=null"])
 
 
 def test_classes_on_a_text_teacher_fails_at_setup(tiny_sd3_pipeline, tmp_path):
@@ -152,7 +156,7 @@ def test_dit_recipe_trains_on_class_labels_exports_and_samples_in_stock_diffuser
     assert "scheduler.step(output" not in card  # not the pixel UNet's manual loop
 
     target, _ = run_target(run, batch_size=4)
-    student_images, labels = target.generate(3, 5)
+    student_images, labels = target.draw(3, 5)
     assert labels.tolist() == [0, 1, 2]
     pipe = DiffusionPipeline.from_pretrained(out)
     assert type(pipe) is DiTPipeline
@@ -180,7 +184,7 @@ def test_pixart_recipe_trains_on_prompts_exports_and_samples_in_stock_diffusers(
 
     prompts = PROMPTS[:2]
     target, _ = run_target(run, batch_size=2, prompts=prompts)
-    student_images, _ = target.generate(2, 3)
+    student_images, _ = target.draw(2, 3)
     pipe = DiffusionPipeline.from_pretrained(out)
     assert type(pipe) is PixArtAlphaPipeline
     pipe.set_progress_bar_config(disable=True)
@@ -213,7 +217,7 @@ def _sd3_exports_sample_like_the_student(name: str, teacher, data, tmp_path, **e
     pipe = DiffusionPipeline.from_pretrained(export(one, tmp_path / "export-1step"))
     pipe.set_progress_bar_config(disable=True)
     target, _ = run_target(one, batch_size=2, prompts=prompts)
-    student_images, _ = target.generate(2, 3)
+    student_images, _ = target.draw(2, 3)
     torch.testing.assert_close(_as_nchw(_sd3_images(pipe, prompts, 1, seed=3)), student_images, atol=1e-4, rtol=0)
 
     run = tmp_path / "run"
@@ -247,7 +251,7 @@ def test_sd3_lora_recipe_trains_exports_and_the_lora_loads_on_the_teacher(tiny_s
 
 def test_sd3_ladd_recipe_trains_on_captioned_images_exports_and_samples(tiny_sd3_pipeline, text_data, tmp_path):
     run, _, _ = _sd3_exports_sample_like_the_student("sd3-ladd-4step", tiny_sd3_pipeline, text_data, tmp_path,
-                                                     **{"method.discriminator.head_width": 8})
+                                                     **{"method.gan.discriminator.head_width": 8})
     rows = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
     assert all("generator/distill_loss" not in row and "generator/gan_g_loss" in row for row in rows)  # adversarial only
     _assert_full_student_changed(run, tiny_sd3_pipeline)

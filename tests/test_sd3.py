@@ -12,9 +12,10 @@ from conftest import _clip_special, write_tiny_clip_tokenizer
 from diffusers import (AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                        StableDiffusion3Pipeline)
 
+from distill.denoiser import Denoiser
 from distill.discriminators.backbones import denoiser_features
-from distill.evaluate import sample_teacher
-from distill.export import few_step_scheduler
+from distill.sampling import sample_teacher
+from distill.schedulers import few_step_scheduler
 from distill.students import FewStepSampler
 from distill.teachers.sd3 import StableDiffusion3Teacher
 
@@ -127,7 +128,7 @@ def test_x0_is_the_flow_match_euler_step_to_sigma_zero(teachers):
         assert abs(float(t) - 1000 * sigma) < 1e-3
         output = teacher.output(teacher.denoiser, x_t, t.reshape(1), cond)
         expected = to_zero.step(output, t, x_t).prev_sample
-        x0 = teacher.x0(teacher.denoiser, x_t, t.reshape(1), cond)
+        x0 = Denoiser(teacher, teacher.denoiser).x0(x_t, t.reshape(1), cond)
         assert (x0 - x_t).abs().max() > 1e-3  # sigma v: 0.01 even at the last, smallest sigma (0.009)
         torch.testing.assert_close(x0, expected, atol=1e-5, rtol=1e-5)
 
@@ -150,8 +151,8 @@ def test_from_pipeline_equals_from_pretrained(teachers, sd3_paths):
     teacher = teachers["t5"]
     from_pipe = StableDiffusion3Teacher.from_pipeline(_pipeline(sd3_paths["t5"]))
     x_t, t = _randn(2, *teacher.sample_shape, seed=3), torch.tensor([250.0, 900.0])
-    torch.testing.assert_close(from_pipe.x0(from_pipe.denoiser, x_t, t, from_pipe.condition({"prompt": PROMPTS}), 3.0),
-                               teacher.x0(teacher.denoiser, x_t, t, teacher.condition({"prompt": PROMPTS}), 3.0),
+    torch.testing.assert_close(Denoiser(from_pipe, from_pipe.denoiser, 3.0).x0(x_t, t, from_pipe.condition({"prompt": PROMPTS})),
+                               Denoiser(teacher, teacher.denoiser, 3.0).x0(x_t, t, teacher.condition({"prompt": PROMPTS})),
                                atol=0, rtol=0)
 
 
@@ -239,7 +240,7 @@ def test_teacher_baselines_use_flow_solvers(sd3_paths, solver):
 
     target = teacher_target(str(sd3_paths["no_t5"]), solver, 2, guidance_scale=2.0, batch_size=2, prompts=["a cat", "a dog"])
     assert target.name == f"teacher, {'Euler' if solver == 'ddim' else 'DPM-Solver++'}, 2 steps"
-    images, prompts = target.generate(2, 0)
+    images, prompts = target.draw(2, 0)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all() and prompts == ["a cat", "a dog"]
-    again, _ = target.generate(2, 0)
+    again, _ = target.draw(2, 0)
     assert torch.equal(images, again)

@@ -9,8 +9,9 @@ import torch
 from diffusers import (DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
 
+from distill.denoiser import Denoiser
 from distill.discriminators.backbones import denoiser_features
-from distill.evaluate import sample_teacher
+from distill.sampling import sample_teacher
 from distill.teachers import (StableDiffusionTeacher, StableDiffusionXLTeacher, _adapter_class, cached_condition, load_teacher,
                               teacher_from_pipeline)
 
@@ -92,7 +93,7 @@ def _assert_x0_matches_ddim(teacher):
         t = t.reshape(1)
         output = teacher.output(teacher.denoiser, x_t, t, cond)
         expected = scheduler.step(output, int(t), x_t).pred_original_sample
-        torch.testing.assert_close(teacher.x0(teacher.denoiser, x_t, t, cond), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(Denoiser(teacher, teacher.denoiser).x0(x_t, t, cond), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["sd", "sdxl"])
@@ -105,9 +106,9 @@ def test_guidance_is_cfg_of_separate_calls(teachers, name):
     out_cond = teacher.output(teacher.denoiser, x_t, t, cond)
     out_null = teacher.output(teacher.denoiser, x_t, t, teacher.null_condition(cond))
     assert (out_cond - out_null).abs().max() > 1e-3  # the prompt matters, so the test can fail
-    guided = teacher.guided_output(teacher.denoiser, x_t, t, cond, 3.0)
+    guided = Denoiser(teacher, teacher.denoiser, 3.0).output(x_t, t, cond)
     torch.testing.assert_close(guided, out_null + 3.0 * (out_cond - out_null), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(teacher.guided_output(teacher.denoiser, x_t, t, cond, 1.0), out_cond)
+    torch.testing.assert_close(Denoiser(teacher, teacher.denoiser, 1.0).output(x_t, t, cond), out_cond)
 
 
 @pytest.mark.parametrize("name, pipeline_class", [
@@ -228,8 +229,8 @@ def test_from_pipeline_equals_from_pretrained(teachers, name):
     assert from_pipe.scheduler_config["_class_name"] == teacher.scheduler_config["_class_name"]
     cond = from_pipe.condition({"prompt": PROMPTS})
     x_t, t = _x_t(teacher, 2), TIMESTEPS[1:3]
-    torch.testing.assert_close(from_pipe.x0(from_pipe.denoiser, x_t, t, cond, 3.0),
-                               teacher.x0(teacher.denoiser, x_t, t, teacher.condition({"prompt": PROMPTS}), 3.0),
+    torch.testing.assert_close(Denoiser(from_pipe, from_pipe.denoiser, 3.0).x0(x_t, t, cond),
+                               Denoiser(teacher, teacher.denoiser, 3.0).x0(x_t, t, teacher.condition({"prompt": PROMPTS})),
                                atol=0, rtol=0)
 
 
@@ -240,13 +241,13 @@ def test_bfloat16_teacher(teachers, tiny_sd):
         assert all(p.dtype == torch.bfloat16 for p in module.parameters())
     cond = teacher.condition({"prompt": PROMPTS})
     x_t, t = _x_t(teacher, 2), TIMESTEPS[1:3]
-    x0 = teacher.x0(teacher.denoiser, x_t, t, cond, 3.0)
+    x0 = Denoiser(teacher, teacher.denoiser, 3.0).x0(x_t, t, cond)
     assert x0.dtype == torch.float32
-    reference = full.x0(full.denoiser, x_t, t, full.condition({"prompt": PROMPTS}), 3.0)
+    reference = Denoiser(full, full.denoiser, 3.0).x0(x_t, t, full.condition({"prompt": PROMPTS}))
     assert (x0 - reference).norm() / reference.norm() < 0.05  # bfloat16 rounding (about 0.01 here), not a different model
     # a float32 trainable copy of the denoiser runs on the bfloat16 teacher's conditioning
     student = full.denoiser
-    assert teacher.x0(student, x_t, t, cond).dtype == torch.float32
+    assert Denoiser(teacher, student).x0(x_t, t, cond).dtype == torch.float32
     assert teacher.encode_images(torch.zeros(1, 3, 16, 16)).dtype == torch.float32
 
 
@@ -279,4 +280,4 @@ def test_x0_for_a_sample_prediction_checkpoint_matches_diffusers(tmp_path):
     assert teacher.prediction_type == "sample"
     _assert_x0_matches_ddim(teacher)
     x_t, t, cond = _x_t(teacher, 1), TIMESTEPS[:1], teacher.condition({"prompt": PROMPTS[:1]})
-    torch.testing.assert_close(teacher.x0(teacher.denoiser, x_t, t, cond), teacher.output(teacher.denoiser, x_t, t, cond))
+    torch.testing.assert_close(Denoiser(teacher, teacher.denoiser).x0(x_t, t, cond), teacher.output(teacher.denoiser, x_t, t, cond))

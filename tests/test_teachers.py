@@ -9,7 +9,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from conftest import build_tiny_teacher
-from distill.teachers import PixelUNetTeacher, cat_conditions, load_teacher
+from distill.denoiser import Denoiser, cat_conditions
+from distill.teachers import PixelUNetTeacher, load_teacher
 
 TIMESTEPS = torch.tensor([1, 20, 250, 500, 999])
 
@@ -100,7 +101,7 @@ def test_output_matches_calling_the_unet(teacher):
 def test_x0_matches_ddpm_scheduler_step(which, request):
     teacher = request.getfixturevalue(which)
     x_t, t, cond = _batch(teacher)
-    x0 = teacher.x0(teacher.denoiser, x_t, t, cond)
+    x0 = Denoiser(teacher, teacher.denoiser).x0(x_t, t, cond)
     reference = _reference_x0(teacher, teacher.output(teacher.denoiser, x_t, t, cond), x_t, t)
     assert x0.shape == x_t.shape
     torch.testing.assert_close(x0, reference, atol=1e-5, rtol=1e-5)
@@ -110,14 +111,14 @@ def test_x0_matches_ddpm_scheduler_step(which, request):
 def test_epsilon_and_v_teachers_differ(teacher, v_teacher):
     # same weights (same seed) but different parameterisation: the x0 estimates must differ
     x_t, t, cond = _batch(teacher)
-    assert not torch.allclose(teacher.x0(teacher.denoiser, x_t, t, cond), v_teacher.x0(v_teacher.denoiser, x_t, t, cond))
+    assert not torch.allclose(Denoiser(teacher, teacher.denoiser).x0(x_t, t, cond), Denoiser(v_teacher, v_teacher.denoiser).x0(x_t, t, cond))
 
 
 @torch.no_grad()
 def test_guidance_scale_one_is_unguided(teacher):
     x_t, t, cond = _batch(teacher)
-    plain = teacher.x0(teacher.denoiser, x_t, t, cond)
-    torch.testing.assert_close(teacher.x0(teacher.denoiser, x_t, t, cond, guidance_scale=1.0), plain)
+    plain = Denoiser(teacher, teacher.denoiser).x0(x_t, t, cond)
+    torch.testing.assert_close(Denoiser(teacher, teacher.denoiser, 1.0).x0(x_t, t, cond), plain)
 
 
 @torch.no_grad()
@@ -131,10 +132,10 @@ def test_guidance_matches_hand_computed_cfg(which, request):
     out_null = teacher.output(teacher.denoiser, x_t, t, null)
     assert not torch.allclose(out_cond, out_null)  # the class embedding matters
     expected = teacher.schedule.to_x0(out_null + 3 * (out_cond - out_null), x_t, t, teacher.prediction_type)
-    guided = teacher.x0(teacher.denoiser, x_t, t, cond, guidance_scale=3.0)
+    guided = Denoiser(teacher, teacher.denoiser, 3.0).x0(x_t, t, cond)
     # x0 batches conditional and null inputs in one call, so the outputs differ by float noise
     assert_x0_close(teacher, guided, expected, t)
-    assert not torch.allclose(guided, teacher.x0(teacher.denoiser, x_t, t, cond))
+    assert not torch.allclose(guided, Denoiser(teacher, teacher.denoiser).x0(x_t, t, cond))
 
 
 @torch.no_grad()
@@ -144,7 +145,7 @@ def test_guidance_with_a_single_timestep(teacher):
     out_cond = teacher.output(teacher.denoiser, x_t, t, cond)
     out_null = teacher.output(teacher.denoiser, x_t, t, teacher.null_condition(cond))
     expected = teacher.schedule.to_x0(out_null + 2 * (out_cond - out_null), x_t, t, teacher.prediction_type)
-    assert_x0_close(teacher, teacher.x0(teacher.denoiser, x_t, t, cond, guidance_scale=2.0), expected, t)
+    assert_x0_close(teacher, Denoiser(teacher, teacher.denoiser, 2.0).x0(x_t, t, cond), expected, t)
 
 
 def test_conditioning_helpers(teacher):
@@ -154,11 +155,6 @@ def test_conditioning_helpers(teacher):
     assert cond["class_labels"].dtype == torch.int64
     assert cond["class_labels"].tolist() == [1, 2, 3]
     assert torch.equal(teacher.head_condition(cond), cond["class_labels"])
-    rand = teacher.random_condition(50, torch.Generator().manual_seed(0))
-    assert rand["class_labels"].shape == (50,)
-    assert 0 <= int(rand["class_labels"].min()) and int(rand["class_labels"].max()) < 10
-    again = teacher.random_condition(50, torch.Generator().manual_seed(0))
-    assert torch.equal(rand["class_labels"], again["class_labels"])
     both = cat_conditions([cond, teacher.null_condition(cond)])
     assert both["class_labels"].tolist() == [1, 2, 3, 10, 10, 10]
 
@@ -182,13 +178,12 @@ def test_unconditional_teacher(uncond_teacher):
     assert teacher.sample_shape == (1, 8, 8)
     batch = {"image": torch.zeros(2, 1, 8, 8), "class_label": torch.tensor([3, 4])}
     assert teacher.condition(batch) == {}
-    assert teacher.random_condition(4, torch.Generator().manual_seed(0)) == {}
     assert teacher.null_condition({}) == {}
     assert teacher.head_condition({}) is None
     x_t = _randn(3, 1, 8, 8, seed=2)
     t = TIMESTEPS[:3]
-    plain = teacher.x0(teacher.denoiser, x_t, t, {})
-    torch.testing.assert_close(teacher.x0(teacher.denoiser, x_t, t, {}, guidance_scale=3.0), plain)
+    plain = Denoiser(teacher, teacher.denoiser).x0(x_t, t, {})
+    torch.testing.assert_close(Denoiser(teacher, teacher.denoiser, 3.0).x0(x_t, t, {}), plain)
     reference = _reference_x0(teacher, teacher.output(teacher.denoiser, x_t, t, {}), x_t, t)
     torch.testing.assert_close(plain, reference, atol=1e-5, rtol=1e-5)
 

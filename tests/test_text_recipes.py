@@ -45,7 +45,7 @@ def test_full_student_recipe_trains_exports_and_samples_in_stock_diffusers(name,
 
     teacher = request.getfixturevalue(teacher_fixture)
     run = tmp_path / "run"
-    extra = {"train.ema_decay": 0, "method.discriminator.dinov2": str(tiny_dinov2), "method.discriminator.head_width": 8}
+    extra = {"train.ema_decay": 0, "method.gan.discriminator.dinov2": str(tiny_dinov2), "method.gan.discriminator.head_width": 8}
     train.main([RECIPES[name], *_overrides(name, teacher, text_data, run, **extra)])
     rows = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(row["generator/generator_loss"]) for row in rows)
@@ -57,7 +57,7 @@ def test_full_student_recipe_trains_exports_and_samples_in_stock_diffusers(name,
     assert f"num_inference_steps={steps}" in card and "guidance_scale=0" in card
 
     target, _ = run_target(run, batch_size=4, prompts=PROMPTS[:3])
-    student_images, prompts = target.generate(3, 5)
+    student_images, prompts = target.draw(3, 5)
     assert prompts == PROMPTS[:3]
     exported = _pipeline_images(out, steps, PROMPTS[:3], seed=5)
     torch.testing.assert_close(torch.from_numpy(exported).permute(0, 3, 1, 2), student_images, atol=1e-4, rtol=0)
@@ -149,7 +149,7 @@ def test_lora_recipe_trains_on_one_shared_base_and_every_export_loads(name, teac
     out = export(run, tmp_path / "export")
     steps, prompts = 4, PROMPTS[:2]
     target, _ = run_target(run, batch_size=2, prompts=prompts)
-    student_images, _ = target.generate(2, 3)
+    student_images, _ = target.draw(2, 3)
     fused = _pipeline_images(out, steps, prompts, seed=3)  # (a) the fused pipeline
     torch.testing.assert_close(torch.from_numpy(fused).permute(0, 3, 1, 2), student_images, atol=1e-4, rtol=0)
 

@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, tiny_overrides
 
 from distill import train
-from distill.trainer import find_checkpoint
+from distill.runs import find_checkpoint
 
 RECIPE_1STEP = str(REPO / "recipes" / "digits-dmd2-1step.yaml")
 RECIPE_4STEP = str(REPO / "recipes" / "digits-dmd2-4step.yaml")
@@ -64,7 +64,7 @@ PINNED = {  # torch 2.13 CPU, diffusers 0.42; tiny teacher of conftest after tor
 
 
 def test_resume_repeats_the_uninterrupted_run(tiny_teacher, tmp_path):
-    common = {"student.timesteps": "[999,749,499,249]", "method.gan_weight": 0.1, "method.r1.kind": "approximated"}
+    common = {"student.timesteps": "[999,749,499,249]", "method.gan.weight": 0.1, "method.gan.r1.kind": "approximated"}
     full = tmp_path / "full"
     train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, None, full, **common, **{"train.max_steps": 4, "train.sample_every": 0})])
 
@@ -87,7 +87,7 @@ def test_resume_repeats_the_uninterrupted_run(tiny_teacher, tmp_path):
 
 def test_gan_with_exact_r1_and_accumulation_trains_the_head(tiny_teacher, tmp_path):
     run = tmp_path / "run"
-    extra = {"method.gan_weight": 0.5, "method.r1.kind": "exact", "method.gan_loss": "hinge",
+    extra = {"method.gan.weight": 0.5, "method.gan.r1.kind": "exact", "method.gan.loss": "hinge",
              "train.gradient_accumulation_steps": 2, "train.max_steps": 1, "train.sample_every": 0}
     train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, None, run, **extra)])
     first = _losses(run)[0]
@@ -114,7 +114,7 @@ def test_two_process_launch(tiny_teacher, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "distill.train", RECIPE_4STEP,
-               *tiny_overrides(tiny_teacher, None, run, **{"train.sample_every": 0, "method.gan_weight": 0.1})]
+               *tiny_overrides(tiny_teacher, None, run, **{"train.sample_every": 0, "method.gan.weight": 0.1})]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -125,7 +125,7 @@ def test_two_process_launch(tiny_teacher, tmp_path):
 
 def test_bf16_mixed_precision_step(tiny_teacher, tmp_path):
     run = tmp_path / "bf16"
-    extra = {"train.mixed_precision": "bf16", "train.max_steps": 1, "train.sample_every": 0, "method.gan_weight": 0.1}
+    extra = {"train.mixed_precision": "bf16", "train.max_steps": 1, "train.sample_every": 0, "method.gan.weight": 0.1}
     train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, None, run, **extra)])
     first = _losses(run)[0]
     assert all(torch.isfinite(torch.tensor(v)) for v in first.values())

@@ -14,8 +14,9 @@ from diffusers import (DDIMScheduler, DiffusionPipeline, DiTPipeline, DiTTransfo
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from conftest import _tiny_vae
+from distill.denoiser import Denoiser
 from distill.discriminators.backbones import denoiser_features
-from distill.evaluate import sample_teacher
+from distill.sampling import sample_teacher
 from distill.teachers.transformer import DiTTeacher, PixArtTeacher
 
 PROMPTS = ["A red cat", "a blue dog walking in the long grass"]
@@ -172,7 +173,7 @@ def test_output_is_the_epsilon_half_and_x0_matches_ddim(teachers, name):
         assert full.shape == (1, 8, 8, 8) and output.shape == (1, 4, 8, 8)
         torch.testing.assert_close(output, full[:, :4])
         expected = scheduler.step(output, int(t), x_t).pred_original_sample
-        torch.testing.assert_close(teacher.x0(teacher.denoiser, x_t, t, cond), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(Denoiser(teacher, teacher.denoiser).x0(x_t, t, cond), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["dit", "alpha"])
@@ -183,9 +184,9 @@ def test_guidance_is_cfg_of_separate_calls(teachers, name):
     out_cond = teacher.output(teacher.denoiser, x_t, t, cond)
     out_null = teacher.output(teacher.denoiser, x_t, t, teacher.null_condition(cond))
     assert (out_cond - out_null).abs().max() > 1e-3  # the condition matters, so the test can fail
-    guided = teacher.guided_output(teacher.denoiser, x_t, t, cond, 3.0)
+    guided = Denoiser(teacher, teacher.denoiser, 3.0).output(x_t, t, cond)
     torch.testing.assert_close(guided, out_null + 3.0 * (out_cond - out_null), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(teacher.guided_output(teacher.denoiser, x_t, t, cond, 1.0), out_cond)
+    torch.testing.assert_close(Denoiser(teacher, teacher.denoiser, 1.0).output(x_t, t, cond), out_cond)
 
 
 def test_dit_null_class_head_condition_and_no_label_dropout(tiny_dit):
@@ -279,8 +280,8 @@ def test_from_pipeline_equals_from_pretrained(teachers, tiny_dit, tiny_pixart, n
     assert from_pipe.scheduler_config["_class_name"] == teacher.scheduler_config["_class_name"]
     assert getattr(from_pipe, "max_sequence_length", None) == getattr(teacher, "max_sequence_length", None)
     x_t, t = _randn(2, *teacher.sample_shape, seed=1), TIMESTEPS[1:3]
-    torch.testing.assert_close(from_pipe.x0(from_pipe.denoiser, x_t, t, _cond(from_pipe), 3.0),
-                               teacher.x0(teacher.denoiser, x_t, t, _cond(teacher), 3.0), atol=0, rtol=0)
+    torch.testing.assert_close(Denoiser(from_pipe, from_pipe.denoiser, 3.0).x0(x_t, t, _cond(from_pipe)),
+                               Denoiser(teacher, teacher.denoiser, 3.0).x0(x_t, t, _cond(teacher)), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["dit", "alpha"])
@@ -290,7 +291,7 @@ def test_image_size_sets_latent_shape(tiny_dit, tiny_pixart, name):
     assert teacher.sample_shape == (4, 12, 12) and teacher.image_size == (24, 24)
     x_t = _randn(1, *teacher.sample_shape, seed=1)
     cond = _cond(teacher, 1)
-    assert teacher.x0(teacher.denoiser, x_t, TIMESTEPS[1:2], cond, 3.0).shape == (1, 4, 12, 12)
+    assert Denoiser(teacher, teacher.denoiser, 3.0).x0(x_t, TIMESTEPS[1:2], cond).shape == (1, 4, 12, 12)
     _, features = denoiser_features(teacher, teacher.denoiser, x_t, TIMESTEPS[1:2], cond)
     assert features[0].shape == (1, 16, 6, 6)
     assert teacher.decode(x_t).shape == (1, 3, 24, 24)

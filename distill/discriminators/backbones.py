@@ -95,7 +95,7 @@ class Discriminator(nn.Module):
     """
 
     def __init__(self, *, backbone: str, teacher, dinov2: str | None = None, layers: list[int] | None = None,
-                 width: int = 64, device="cpu"):
+                 width: int, device="cpu"):
         super().__init__()
         if backbone not in ("dinov2", "teacher"):
             raise ValueError(f"a standalone discriminator's backbone is dinov2 or teacher, not {backbone!r}")

@@ -49,7 +49,7 @@ class _ConvHead(nn.Module):
 class TokenHead(_ConvHead):
     """Per-token logits [B, N] from ViT tokens [B, N, C] (1D convolutions over the tokens)."""
 
-    def __init__(self, channels: int, width: int = 64, kernel: int = 9, num_classes: int | None = None, cond_dim: int | None = None):
+    def __init__(self, channels: int, *, width: int, kernel: int = 9, num_classes: int | None = None, cond_dim: int | None = None):
         super().__init__(nn.Conv1d, channels, width, kernel, num_classes, cond_dim)
 
     def forward(self, features: Tensor, cond: Tensor | None = None) -> Tensor:
@@ -59,14 +59,14 @@ class TokenHead(_ConvHead):
 class MapHead(_ConvHead):
     """Per-position logits [B, H*W] from feature maps [B, C, H, W] (2D convolutions)."""
 
-    def __init__(self, channels: int, width: int = 64, kernel: int = 3, num_classes: int | None = None, cond_dim: int | None = None):
+    def __init__(self, channels: int, *, width: int, kernel: int = 3, num_classes: int | None = None, cond_dim: int | None = None):
         super().__init__(nn.Conv2d, channels, width, kernel, num_classes, cond_dim)
 
 
 class Heads(nn.Module):
     """One head per backbone layer; logits of all layers concatenated: [B, sum of positions]."""
 
-    def __init__(self, kind: str, channels: list[int], width: int = 64, num_classes: int | None = None, cond_dim: int | None = None):
+    def __init__(self, kind: str, channels: list[int], *, width: int, num_classes: int | None = None, cond_dim: int | None = None):
         super().__init__()
         head = {"tokens": TokenHead, "maps": MapHead}[kind]
         self.heads = nn.ModuleList(head(c, width=width, num_classes=num_classes, cond_dim=cond_dim) for c in channels)

@@ -62,37 +62,20 @@ def dmd_loss(
     return loss, logs
 
 
-def denoising_loss(
-    prediction: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Logs]:
+def denoising_loss(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, Logs]:
     """Denoising objective of the fake score (DMD eq. 6 / DMD2's fake-score update).
 
     Args:
-        prediction: the fake score's prediction (e.g. x0), [B, ...].
+        prediction: the fake score's output (in its prediction type), [B, ...].
         target: its regression target, [B, ...]; detached here because the fake
             score's update must never move the generator that produced it.
-        weight: optional per-sample weight, [B].
 
-    Returns the float32 mean squared error; with ``weight`` it is
-    ``mean_b(weight[b] * mse_b)`` where ``mse_b`` is the per-sample mean over non-batch
-    dims. Logs: ``denoising_loss``.
+    Returns the float32 mean squared error. Logs: ``denoising_loss``.
     """
     if prediction.shape != target.shape:
         raise ValueError(
             f"denoising_loss: prediction {tuple(prediction.shape)} and target "
             f"{tuple(target.shape)} differ in shape"
         )
-    sq_err = (prediction.float() - target.detach().float()) ** 2
-    if weight is None:
-        loss = sq_err.mean()
-    else:
-        if weight.shape != prediction.shape[:1]:
-            raise ValueError(
-                f"denoising_loss: weight must have shape [B]={tuple(prediction.shape[:1])}, "
-                f"got {tuple(weight.shape)}"
-            )
-        per_sample = sq_err.mean(dim=_non_batch_dims(sq_err)) if sq_err.ndim > 1 else sq_err
-        loss = (weight.float() * per_sample).mean()
+    loss = ((prediction.float() - target.detach().float()) ** 2).mean()
     return loss, {"denoising_loss": loss.detach()}

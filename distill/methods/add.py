@@ -14,9 +14,13 @@ Every random draw comes from the ``generator`` argument, so a step is reproducib
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
+from distill.denoiser import cat_conditions
 from distill.discriminators.backbones import Discriminator, translate_and_cutout
 from distill.losses import (
     discriminator_adversarial_loss,
@@ -24,52 +28,69 @@ from distill.losses import (
     generator_adversarial_loss,
     score_distillation_loss,
 )
-from distill.methods.common import (
-    generator_objective,
-    randn_like,
-    regularised_inputs,
-    regularised_penalty,
-    regulariser_context,
-    student_x0,
-    to_device,
-)
-from distill.students import FewStepSampler
-from distill.teachers import Teacher, cat_conditions, real_x0
+from distill.methods.base import METHOD_NAME_HELP, AdversarialMethodConfig, DiscriminatorConfig, GanConfig
+from distill.methods.common import (AdversarialMethod, randn_like, real_x0, regularised_inputs, regulariser_context,
+                                    student_x0)
+from distill.sections import check_not_negative, fail, setting
 
 
-class ADD:
-    def __init__(
-        self,
-        *,
-        teacher: Teacher,
-        sampler: FewStepSampler,
-        guidance_scale: float,
-        gan_weight: float,
-        distill_weight: float,
-        distill_weighting: str,
-        gan_loss: str,
-        t_min: int,
-        t_max: int,
-        r1_kind: str,
-        r1_weight: float,
-        r1_sigma: float,
-        augment: bool,
-    ):
-        self.teacher, self.sampler, self.schedule = teacher, sampler, teacher.schedule
-        self.guidance_scale = guidance_scale
-        self.gan_weight, self.distill_weight, self.distill_weighting = gan_weight, distill_weight, distill_weighting
-        self.gan_loss = gan_loss
-        self.t_min, self.t_max = t_min, t_max
-        self.r1_kind, self.r1_weight, self.r1_sigma = r1_kind, r1_weight, r1_sigma
+@dataclass
+class ADDConfig(AdversarialMethodConfig):
+    """``method.name: add``: a DINOv2 discriminator and score distillation, as the ADD paper."""
+
+    paper_gan_loss = "hinge"
+
+    name: str = setting("add", METHOD_NAME_HELP)
+    critic_updates: int = setting(1, "discriminator updates per student update")
+    gan: GanConfig = setting(GanConfig(weight=1.0, discriminator=DiscriminatorConfig(backbone="dinov2")),
+                             "the adversarial term and its discriminator (dinov2 or teacher features)")
+    distill_weight: float = setting(2.5, "weight (lambda) of the score-distillation loss (0: none, as LADD)")
+    distill_weighting: Literal["exponential", "sds", "constant"] = setting(
+        "exponential", "c(t) of the score-distillation loss: alpha_t, alpha_t*sigma_t (SDS) or 1"
+    )
+
+    def check(self, *, num_steps: int, backward_simulation: bool) -> None:
+        super().check(num_steps=num_steps, backward_simulation=backward_simulation)
+        if self.gan.discriminator.backbone == "fake_score":
+            fail("method.gan.discriminator.backbone", "ADD has no fake score network: choose dinov2 or teacher")
+        if self.gan.weight == 0:
+            fail("method.gan.weight", "ADD's adversarial term needs method.gan.weight > 0")
+        check_not_negative({"method.distill_weight": self.distill_weight})
+
+    def needs_real_images(self, *, num_steps: int, backward_simulation: bool) -> bool:
+        return True  # the discriminator's positives, and the inputs of the student's later steps
+
+    def build(self, *, teacher, sampler, guidance_scale: float, backward_simulation: bool) -> "ADD":
+        return ADD(**self.adversarial_settings(), teacher=teacher, sampler=sampler, guidance_scale=guidance_scale,
+                   distill_weight=self.distill_weight, distill_weighting=self.distill_weighting,
+                   augment=self.gan.discriminator.augment)
+
+
+@dataclass
+class LADDConfig(ADDConfig):
+    """``method.name: ladd``: ADD with the frozen teacher's own features as the discriminator
+    backbone and no distillation term (LADD, Sauer et al. 2024)."""
+
+    name: str = setting("ladd", METHOD_NAME_HELP)
+    gan: GanConfig = setting(GanConfig(weight=1.0, discriminator=DiscriminatorConfig(backbone="teacher")),
+                             "the adversarial term and its discriminator (the teacher's features, or dinov2)")
+    distill_weight: float = setting(0.0, "weight (lambda) of ADD's score-distillation loss (LADD: 0, none)")
+
+
+class ADD(AdversarialMethod):
+    """ADD's and LADD's losses; the critic is a ``Discriminator`` (no fake score)."""
+
+    def __init__(self, *, distill_weight: float, distill_weighting: str, augment: bool, **adversarial):
+        """``adversarial``: ``AdversarialMethod``'s settings."""
+        super().__init__(**adversarial)
+        self.distill_weight, self.distill_weighting = distill_weight, distill_weighting
         self.augment = augment
 
-    uses_gan = True
+    def build_critic(self, *, fake_score: None, device) -> Discriminator:
+        return self._discriminator(device)
 
     def _augment(self, x0: Tensor, generator: torch.Generator) -> Tensor:
         return translate_and_cutout(x0, generator) if self.augment else x0
-
-    def _timesteps(self, n: int, generator: torch.Generator, device) -> Tensor:
-        return self.schedule.sample_timesteps(n, generator=generator, t_min=self.t_min, t_max=self.t_max, device=device)
 
     def _x0(self, student: nn.Module, batch: dict, cond: dict, generator: torch.Generator, grad: bool) -> Tensor:
         return student_x0(self.teacher, self.sampler, student, batch, cond, generator, grad=grad, backward_simulation=False)
@@ -77,8 +98,7 @@ class ADD:
     # ------------------------------------------------------------------------------------
     def generator_loss(self, student: nn.Module, critic: Discriminator, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Generator phase. ``student`` trains (a prepared module); ``critic`` is frozen."""
-        cond = to_device(self.teacher.condition(batch), device)
-        batch = to_device(batch, device)
+        cond, batch = self._on_device(batch, device)
         x0_student = self._x0(student, batch, cond, generator, grad=True)
         n = len(x0_student)
 
@@ -97,22 +117,17 @@ class ADD:
             t_d = self._timesteps(n, generator, device)
             with torch.no_grad():
                 x_t = self.schedule.add_noise(x0_student.detach(), randn_like(x0_student, generator), t_d)
-                x0_teacher = self.teacher.x0(self.teacher.denoiser, x_t, t_d, cond, self.guidance_scale)
+                x0_teacher = self.mu_real.x0(x_t, t_d, cond)
             alpha, sigma = self.schedule.alpha_sigma(t_d, ndim=1)
             weight = distillation_weight(self.distill_weighting, alpha.to(device), sigma.to(device))
             loss_distill, distill_logs = score_distillation_loss(x0_student, x0_teacher, weight)
             terms["distill"] = self.distill_weight * loss_distill
             logs.update(distill_logs)
-        loss, grad_logs = generator_objective(x0_student, terms)
-        logs.update(grad_logs)
-        logs["generator_loss"] = sum(terms.values()).detach()
-        logs["student_x0_abs_max"] = x0_student.detach().abs().amax()
-        return loss, logs
+        return self._generator_result(x0_student, terms, logs)
 
     def critic_loss(self, student: nn.Module, critic: nn.Module, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Critic phase: real images against student samples, in one discriminator forward."""
-        cond = to_device(self.teacher.condition(batch), device)
-        batch = to_device(batch, device)
+        cond, batch = self._on_device(batch, device)
         x0_fake = self._augment(self._x0(student, batch, cond, generator, grad=False), generator)
         x0_real = self._augment(real_x0(self.teacher, batch), generator)
         n = len(x0_fake)
@@ -124,9 +139,4 @@ class ADD:
         with regulariser_context(self.r1_kind, device):
             logits = critic(torch.cat(inputs), t, noise, cat_conditions([cond] * len(inputs)) if cond else {})
         loss, logs = discriminator_adversarial_loss(logits[n : 2 * n], logits[:n], kind=self.gan_loss)
-        if self.r1_kind != "none":
-            penalty, penalty_logs = regularised_penalty(self.r1_kind, logits, inputs, self.r1_sigma, generator)
-            loss = loss + self.r1_weight * penalty
-            logs.update(penalty_logs)
-        logs["critic_loss"] = loss.detach()
-        return loss, logs
+        return self._critic_result(loss, logs, logits, inputs, generator)

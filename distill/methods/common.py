@@ -1,17 +1,23 @@
-"""What DMD2 and ADD share: the student's sample at one of its steps, and the regularised
-discriminator step (which inputs a regulariser needs, and its penalty)."""
+"""What DMD2 and ADD share: the student's sample at one of its steps, the regularised
+discriminator step (which inputs a regulariser needs, and its penalty), and
+``AdversarialMethod``, the settings and parts of a method with a critic and a GAN term."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from distill.denoiser import Denoiser
+from distill.discriminators import Discriminator
 from distill.losses import discriminator_penalty, projection_signs
 from distill.students import FewStepSampler
-from distill.teachers import Teacher, real_x0
+
+if TYPE_CHECKING:
+    from distill.teachers.base import Teacher
 
 
 def to_device(batch: dict, device) -> dict:
@@ -24,7 +30,13 @@ def randn_like(like: Tensor, generator: torch.Generator) -> Tensor:
     return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
 
 
-def student_x0(teacher: Teacher, sampler: FewStepSampler, student: nn.Module, batch: dict, cond: dict,
+def real_x0(teacher: "Teacher", batch: dict) -> Tensor:
+    """x0 of a batch's real images: the cached latents when the batch has them, else the
+    images encoded by the teacher (a VAE for latent models, the identity in pixel space)."""
+    return batch["latent"] if "latent" in batch else teacher.encode_images(batch["image"])
+
+
+def student_x0(teacher: "Teacher", sampler: FewStepSampler, student: nn.Module, batch: dict, cond: dict,
                generator: torch.Generator, *, grad: bool, backward_simulation: bool) -> Tensor:
     """x0 of the student at one of its steps, chosen at random. The first step's input is
     pure noise, as in sampling; a later step's input comes from running the student's own
@@ -34,7 +46,8 @@ def student_x0(teacher: Teacher, sampler: FewStepSampler, student: nn.Module, ba
     n = len(next(v for k, v in batch.items() if k in ("class_label", "prompt", "image", "latent") or k.startswith("cond.")))
     noise = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
     k = int(torch.randint(0, len(sampler), (1,), generator=generator))
-    x0_fn = lambda x_t, t: teacher.x0(student, x_t, t, cond)
+    G = Denoiser(teacher, student)
+    x0_fn = lambda x_t, t: G.x0(x_t, t, cond)
     if backward_simulation or k == 0:
         x_t = sampler.simulate(x0_fn, noise, k, generator)
     else:
@@ -102,3 +115,55 @@ def generator_objective(x0_student: Tensor, terms: dict[str, Tensor]) -> tuple[T
         others = sum(g for name, g in grads.items() if name != "gan")
         logs["gan_grad_ratio"] = grads["gan"].norm() / others.norm().clamp_min(1e-30)
     return (x0_student.float() * total.detach()).sum(), logs
+
+
+class AdversarialMethod:
+    """A method with a critic phase and a GAN term: the real score ``mu_real`` (the frozen
+    teacher, guided), student samples re-noised at timesteps in [t_min, t_max], the GAN
+    loss and the discriminator's regulariser, and ``critic_updates`` critic updates per
+    student update. Subclasses add their losses and their critic (``build_critic``)."""
+
+    with_fake_score = False
+    fake_score_lora = None
+
+    def __init__(self, *, teacher: "Teacher", sampler: FewStepSampler, guidance_scale: float, critic_updates: int,
+                 t_min: int, t_max: int, gan_weight: float, gan_loss: str, r1_kind: str, r1_weight: float,
+                 r1_sigma: float, discriminator_backbone: str, dinov2: str, layers: list[int], head_width: int):
+        self.teacher, self.sampler, self.schedule = teacher, sampler, teacher.schedule
+        self.mu_real = Denoiser(teacher, teacher.denoiser, guidance_scale)
+        self.critic_updates = critic_updates
+        self.t_min, self.t_max = t_min, t_max
+        self.gan_weight, self.gan_loss = gan_weight, gan_loss
+        self.r1_kind, self.r1_weight, self.r1_sigma = r1_kind, r1_weight, r1_sigma
+        self.discriminator_backbone, self.dinov2, self.layers, self.head_width = discriminator_backbone, dinov2, layers, head_width
+
+    def _timesteps(self, n: int, generator: torch.Generator, device) -> Tensor:
+        return self.schedule.sample_timesteps(n, generator=generator, t_min=self.t_min, t_max=self.t_max, device=device)
+
+    def _discriminator(self, device) -> Discriminator:
+        """A discriminator of its own: a frozen backbone (DINOv2 or the teacher) and trainable heads."""
+        return Discriminator(backbone=self.discriminator_backbone, teacher=self.teacher, dinov2=self.dinov2,
+                             layers=self.layers, width=self.head_width, device=device)
+
+    def _on_device(self, batch: dict, device) -> tuple[dict, dict]:
+        """(the batch's conditioning, the batch), on ``device``."""
+        return to_device(self.teacher.condition(batch), device), to_device(batch, device)
+
+    def _generator_result(self, x0_student: Tensor, terms: dict[str, Tensor], logs: dict) -> tuple[Tensor, dict]:
+        """The generator phase's loss from its weighted ``terms`` (``generator_objective``), with its logs."""
+        loss, grad_logs = generator_objective(x0_student, terms)
+        logs.update(grad_logs)
+        logs["generator_loss"] = sum(terms.values()).detach()
+        logs["student_x0_abs_max"] = x0_student.detach().abs().amax()
+        return loss, logs
+
+    def _critic_result(self, loss: Tensor, logs: dict, logits: Tensor, inputs: list[Tensor],
+                       generator: torch.Generator) -> tuple[Tensor, dict]:
+        """The critic phase's loss plus the regulariser's weighted penalty (from the logits of
+        ``regularised_inputs``), with its logs."""
+        if self.r1_kind != "none":
+            penalty, penalty_logs = regularised_penalty(self.r1_kind, logits, inputs, self.r1_sigma, generator)
+            loss = loss + self.r1_weight * penalty
+            logs.update(penalty_logs)
+        logs["critic_loss"] = loss.detach()
+        return loss, logs

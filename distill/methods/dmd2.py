@@ -5,28 +5,74 @@ teacher with guidance (real score) and an online fake score, plus an optional GA
 from a head on the fake score's bottleneck. Critic phase: the fake score's denoising loss
 on student samples, the head's discriminator loss on noised real and student samples, and
 an optional R1 (exact, or approximated as in APT, Lin et al. 2025). The trainer runs
-``fake_score_updates`` critic phases per generator phase (two time-scale update rule).
+``critic_updates`` critic phases per generator phase (two time-scale update rule).
+
+In the papers' terms: the real score mu_real is the frozen teacher with guidance, the fake
+score mu_fake the online fake-score network (both ``Denoiser``s), G the student.
 
 Every random draw comes from the ``generator`` argument, so a step is reproducible.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
+from distill.denoiser import Denoiser, cat_conditions
+from distill.discriminators import Heads
 from distill.losses import denoising_loss, discriminator_adversarial_loss, dmd_loss, generator_adversarial_loss
-from distill.methods.common import (
-    generator_objective,
-    randn_like,
-    regularised_inputs,
-    regularised_penalty,
-    regulariser_context,
-    student_x0,
-    to_device,
-)
-from distill.students import FewStepSampler
-from distill.teachers import Teacher, cat_conditions, real_x0
+from distill.methods.base import METHOD_NAME_HELP, AdversarialMethodConfig, GanConfig
+from distill.methods.common import (AdversarialMethod, randn_like, real_x0, regularised_inputs, regulariser_context,
+                                    student_x0)
+from distill.sections import LoraConfig, check_not_negative, fail, setting
+from distill.students import lora_config
+
+
+@dataclass
+class DMD2GanConfig(GanConfig):
+    """DMD2's GAN term: a head on the fake score's bottleneck by default (backbone fake_score)."""
+
+    critic_weight: float = setting(1.0, "weight of the discriminator's GAN loss in the critic loss")
+
+
+@dataclass
+class DMD2Config(AdversarialMethodConfig):
+    """``method.name: dmd2``."""
+
+    paper_gan_loss = "non_saturating"
+
+    name: str = setting("dmd2", METHOD_NAME_HELP)
+    critic_updates: int = setting(
+        5, "critic updates (fake score and GAN head) per student update: DMD2's two time-scale update rule")
+    gan: DMD2GanConfig = setting(DMD2GanConfig(), "the GAN term (a head on the fake score's bottleneck, or a "
+                                                  "discriminator of its own) and its discriminator")
+    dmd_weight: float = setting(1.0, "weight of the distribution-matching loss in the generator loss")
+    fake_score_lora: LoraConfig = setting(
+        LoraConfig(), "train the fake score as a LoRA (rank > 0); with a LoRA student too, teacher, student and "
+        "fake score share one frozen base"
+    )
+
+    def check(self, *, num_steps: int, backward_simulation: bool) -> None:
+        super().check(num_steps=num_steps, backward_simulation=backward_simulation)
+        check_not_negative({"method.dmd_weight": self.dmd_weight})
+        d = self.gan.discriminator
+        if d.backbone != "fake_score" and self.gan.weight == 0:
+            fail("method.gan.discriminator.backbone",
+                 f"a {d.backbone} discriminator serves DMD2's GAN term, but method.gan.weight is 0")
+        if d.augment:
+            fail("method.gan.discriminator.augment", "augmentation is implemented for ADD only")
+        self.fake_score_lora.check("method.fake_score_lora")
+
+    def needs_real_images(self, *, num_steps: int, backward_simulation: bool) -> bool:
+        return self.gan.weight > 0 or (num_steps > 1 and not backward_simulation)
+
+    def build(self, *, teacher, sampler, guidance_scale: float, backward_simulation: bool) -> "DMD2":
+        g, lora = self.gan, self.fake_score_lora
+        return DMD2(**self.adversarial_settings(), teacher=teacher, sampler=sampler, guidance_scale=guidance_scale,
+                    dmd_weight=self.dmd_weight, critic_gan_weight=g.critic_weight, backward_simulation=backward_simulation,
+                    fake_score_lora=lora_config(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules))
 
 
 class Critic(nn.Module):
@@ -37,7 +83,7 @@ class Critic(nn.Module):
     One forward returns both, so DDP sees a single forward per backward.
     """
 
-    def __init__(self, denoiser: nn.Module, teacher: Teacher, head: nn.Module | None = None,
+    def __init__(self, denoiser: nn.Module, teacher, head: nn.Module | None = None,
                  discriminator: nn.Module | None = None):
         super().__init__()
         self.denoiser = denoiser
@@ -54,7 +100,7 @@ class Critic(nn.Module):
             output = self._teacher.output(self.denoiser, x_t, t, cond) if x_t is not None else None
             return output, self.discriminator(*disc)
         if self.head is None:
-            raise ValueError("this critic has no GAN head (method.gan_weight is 0)")
+            raise ValueError("this critic has no GAN head (method.gan.weight is 0)")
         captured = {}
         hook = self._teacher.bottleneck(self.denoiser).register_forward_hook(
             lambda module, args, output: captured.__setitem__("features", output)
@@ -66,47 +112,35 @@ class Critic(nn.Module):
         return output, self.head([captured["features"]], self._teacher.head_condition(cond))
 
 
-class DMD2:
-    def __init__(
-        self,
-        *,
-        teacher: Teacher,
-        sampler: FewStepSampler,
-        guidance_scale: float,
-        dmd_weight: float,
-        gan_weight: float,
-        critic_gan_weight: float,
-        gan_loss: str,
-        t_min: int,
-        t_max: int,
-        r1_kind: str,
-        r1_weight: float,
-        r1_sigma: float,
-        backward_simulation: bool,
-        discriminator_backbone: str = "fake_score",
-    ):
-        self.teacher, self.sampler = teacher, sampler
-        self.schedule = teacher.schedule
-        self.guidance_scale = guidance_scale
-        self.dmd_weight, self.gan_weight, self.critic_gan_weight = dmd_weight, gan_weight, critic_gan_weight
-        self.gan_loss = gan_loss
-        self.t_min, self.t_max = t_min, t_max
-        self.r1_kind, self.r1_weight, self.r1_sigma = r1_kind, r1_weight, r1_sigma
+class DMD2(AdversarialMethod):
+    with_fake_score = True
+
+    def __init__(self, *, dmd_weight: float, critic_gan_weight: float, backward_simulation: bool,
+                 fake_score_lora=None, **adversarial):
+        """``adversarial``: ``AdversarialMethod``'s settings; ``fake_score_lora``: the fake
+        score's peft ``LoraConfig`` (None: a full copy of the teacher's network)."""
+        super().__init__(**adversarial)
+        self.dmd_weight, self.critic_gan_weight = dmd_weight, critic_gan_weight
         self.backward_simulation = backward_simulation
-        self.separate_discriminator = discriminator_backbone != "fake_score"
+        self.fake_score_lora = fake_score_lora
+        self.separate_discriminator = self.discriminator_backbone != "fake_score"
 
     @property
     def uses_gan(self) -> bool:
         return self.gan_weight > 0
 
-    @property
-    def needs_real_images(self) -> bool:
-        return self.uses_gan or (len(self.sampler) > 1 and not self.backward_simulation)
+    def build_critic(self, *, fake_score: nn.Module, device) -> Critic:
+        """The fake score with the GAN discriminator: heads on its bottleneck, or a
+        discriminator of its own (none without the GAN term)."""
+        discriminator = head = None
+        if self.uses_gan and self.separate_discriminator:
+            discriminator = self._discriminator(device)
+        elif self.uses_gan:
+            head = Heads("maps", [self.teacher.bottleneck_channels()], width=self.head_width,
+                         num_classes=self.teacher.num_classes, cond_dim=self.teacher.head_condition_dim)
+        return Critic(fake_score, self.teacher, head, discriminator)
 
     # ------------------------------------------------------------------------------------
-    def _timesteps(self, n: int, generator: torch.Generator, device) -> Tensor:
-        return self.schedule.sample_timesteps(n, generator=generator, t_min=self.t_min, t_max=self.t_max, device=device)
-
     def _real_x0(self, batch: dict, device) -> Tensor:
         return real_x0(self.teacher, batch).to(device)
 
@@ -123,16 +157,16 @@ class DMD2:
     # ------------------------------------------------------------------------------------
     def generator_loss(self, student: nn.Module, critic: Critic, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Generator phase. ``student`` trains (a prepared module); ``critic`` is frozen."""
-        cond = to_device(self.teacher.condition(batch), device)
-        batch = to_device(batch, device)
+        cond, batch = self._on_device(batch, device)
         x0_student = self.student_x0(student, batch, cond, generator, grad=True)
 
         t = self._timesteps(len(x0_student), generator, device)
         noise = randn_like(x0_student, generator)
+        mu_fake = Denoiser(self.teacher, critic.denoiser)
         with torch.no_grad():
             x_t = self.schedule.add_noise(x0_student.detach(), noise, t)
-            x0_real = self.teacher.x0(self.teacher.denoiser, x_t, t, cond, self.guidance_scale)
-            x0_fake = self.teacher.x0(critic.denoiser, x_t, t, cond)
+            x0_real = self.mu_real.x0(x_t, t, cond)
+            x0_fake = mu_fake.x0(x_t, t, cond)
         loss_dmd, logs = dmd_loss(x0_student, x0_real, x0_fake)
         terms = {"dmd": self.dmd_weight * loss_dmd}
 
@@ -147,21 +181,17 @@ class DMD2:
             loss_gan, gan_logs = generator_adversarial_loss(logits_fake, logits_real, kind=self.gan_loss)
             terms["gan"] = self.gan_weight * loss_gan
             logs.update(gan_logs)
-        loss, grad_logs = generator_objective(x0_student, terms)
-        logs.update(grad_logs)
-        logs["generator_loss"] = sum(terms.values()).detach()
-        logs["student_x0_abs_max"] = x0_student.detach().abs().amax()
-        return loss, logs
+        return self._generator_result(x0_student, terms, logs)
 
     def critic_loss(self, student: nn.Module, critic: nn.Module, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Critic phase. ``critic`` trains (a prepared module); ``student`` only samples."""
-        cond = to_device(self.teacher.condition(batch), device)
-        batch = to_device(batch, device)
+        cond, batch = self._on_device(batch, device)
         x0_student = self.student_x0(student, batch, cond, generator, grad=False)
         n = len(x0_student)
         t = self._timesteps(n, generator, device)
         noise = randn_like(x0_student, generator)
         x_t = self.schedule.add_noise(x0_student, noise, t)
+        # the fake score's target, in its prediction type: the teacher's (mu_fake's default)
         target = self.schedule.target(x0_student, noise, t, self.teacher.prediction_type)
         if not self.uses_gan:
             output, _ = critic(x_t, t, cond)
@@ -192,9 +222,4 @@ class DMD2:
         loss_d, d_logs = discriminator_adversarial_loss(logits_real, logits_fake, kind=self.gan_loss)
         loss = loss + self.critic_gan_weight * loss_d
         logs.update(d_logs)
-        if self.r1_kind != "none":
-            penalty, penalty_logs = regularised_penalty(self.r1_kind, logits, inputs, self.r1_sigma, generator)
-            loss = loss + self.r1_weight * penalty
-            logs.update(penalty_logs)
-        logs["critic_loss"] = loss.detach()
-        return loss, logs
+        return self._critic_result(loss, logs, logits, inputs, generator)

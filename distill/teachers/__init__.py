@@ -7,14 +7,14 @@ import os
 import torch
 from diffusers import DiffusionPipeline
 
-from distill.teachers.base import COND_PREFIX, Teacher, cached_condition, cat_conditions, real_x0
+from distill.teachers.base import COND_PREFIX, Teacher, cached_condition
 from distill.teachers.pixel_unet import PixelUNetTeacher
 from distill.teachers.stable_diffusion import StableDiffusionTeacher, StableDiffusionXLTeacher
 from distill.teachers.sd3 import StableDiffusion3Teacher
 from distill.teachers.transformer import DiTTeacher, PixArtTeacher
 
 __all__ = ["COND_PREFIX", "DiTTeacher", "PixArtTeacher", "Teacher", "PixelUNetTeacher", "StableDiffusion3Teacher", "StableDiffusionTeacher", "StableDiffusionXLTeacher", "cached_condition",
-           "cat_conditions", "load_teacher", "real_x0", "teacher_from_pipeline"]
+           "load_teacher", "teacher_from_pipeline"]
 
 
 def load_teacher(path: str, revision: str | None = None, dtype: torch.dtype = torch.float32,

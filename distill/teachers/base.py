@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
 from torch import Tensor, nn
 
 
@@ -27,6 +26,11 @@ class Teacher(Protocol):
     num_classes: int | None  # class-conditional checkpoints: real classes (without the null class)
     image_size: tuple[int, int]  # (H, W) of the images it generates (decode's output)
     head_condition_dim: int | None  # width of head_condition's vectors (text: pooled embedding); None for labels / none
+    # how guidance reaches the network (distill.denoiser.Denoiser mixes it, nowhere else): "cfg"
+    # (classifier-free: cond and null_condition batched), "embedded" (the scale is a network input;
+    # such an adapter also has with_guidance(cond, scale) -> cond, which adds it), or None (none possible)
+    guidance: str | None
+    null_first: bool  # "cfg": the pipeline's batch order, (null, cond) if True else (cond, null)
 
     def to(self, device) -> "Teacher": ...  # move every frozen part (denoiser, VAE, text encoders); returns self
 
@@ -40,11 +44,7 @@ class Teacher(Protocol):
 
     def decode(self, x0: Tensor, clamp: bool = True) -> Tensor: ...  # images in [0, 1]; clamp=False keeps values outside
 
-    def output(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor: ...
-
-    def guided_output(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float) -> Tensor: ...
-
-    def x0(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor: ...
+    def output(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor: ...  # raw, unguided
 
     def bottleneck(self, denoiser: nn.Module) -> nn.Module: ...
 
@@ -55,11 +55,6 @@ class Teacher(Protocol):
     def feature_channels(self) -> list[int]: ...
 
 
-def cat_conditions(conds: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Concatenate conditionings along the batch dimension (every value is batch-first)."""
-    return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
-
-
 COND_PREFIX = "cond."
 
 
@@ -67,9 +62,3 @@ def cached_condition(batch: dict) -> dict[str, Tensor] | None:
     """The conditioning stored in a cached batch (its ``cond.<key>`` entries), or None."""
     cond = {key[len(COND_PREFIX):]: value for key, value in batch.items() if key.startswith(COND_PREFIX)}
     return cond or None
-
-
-def real_x0(teacher: Teacher, batch: dict) -> Tensor:
-    """x0 of a batch's real images: the cached latents when the batch has them, else the
-    images encoded by the teacher (a VAE for latent models, the identity in pixel space)."""
-    return batch["latent"] if "latent" in batch else teacher.encode_images(batch["image"])

@@ -12,7 +12,6 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor, nn
 
 from distill.schedules import schedule_from_config
-from distill.teachers.base import cat_conditions
 
 
 class PixelUNetTeacher:
@@ -31,6 +30,8 @@ class PixelUNetTeacher:
             raise ValueError(f"this pixel UNet works at {size[0]}x{size[1]}, not {image_size}")
         self.image_size = size
         self.head_condition_dim = None
+        # classifier-free guidance with the null class; DDPMPipeline has no guidance, so no order to follow
+        self.guidance, self.null_first = ("cfg" if self.num_classes else None), False
 
     def to(self, device) -> "PixelUNetTeacher":
         self.denoiser.to(device)
@@ -54,11 +55,6 @@ class PixelUNetTeacher:
         if self.num_classes is None:
             return {}
         return {"class_labels": batch["class_label"].long()}
-
-    def random_condition(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
-        if self.num_classes is None:
-            return {}
-        return {"class_labels": torch.randint(0, self.num_classes, (batch_size,), generator=generator)}
 
     def null_condition(self, cond: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.num_classes is None:
@@ -85,21 +81,6 @@ class PixelUNetTeacher:
         is cast to the denoiser's dtype (a half-precision teacher, a float32 trainable copy)."""
         t = t.expand(x_t.shape[0]) if t.dim() == 1 and t.numel() == 1 else t
         return denoiser(x_t.to(denoiser.dtype), t, class_labels=cond.get("class_labels")).sample.float()
-
-    def guided_output(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float) -> Tensor:
-        """Model output with classifier-free guidance (Ho & Salimans 2022, eq. 6): conditional
-        and null-class outputs from one batched call, mixed by ``guidance_scale`` (1: none)."""
-        if guidance_scale == 1.0 or self.num_classes is None:
-            return self.output(denoiser, x_t, t, cond)
-        both = cat_conditions([cond, self.null_condition(cond)])
-        t2 = torch.cat([t, t]) if t.numel() > 1 else t
-        out_cond, out_null = self.output(denoiser, torch.cat([x_t, x_t]), t2, both).chunk(2)
-        return out_null + guidance_scale * (out_cond - out_null)
-
-    def x0(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor:
-        """x0 estimate [B, C, H, W] from the (guided) model output."""
-        output = self.guided_output(denoiser, x_t, t, cond, guidance_scale)
-        return self.schedule.to_x0(output, x_t, t, self.prediction_type)
 
     def bottleneck(self, denoiser: nn.Module) -> nn.Module:
         return denoiser.mid_block

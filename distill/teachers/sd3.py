@@ -28,7 +28,6 @@ from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteSc
 from torch import Tensor, nn
 
 from distill.schedules import FlowSchedule, schedule_from_config
-from distill.teachers.base import cached_condition, cat_conditions
 from distill.teachers.stable_diffusion import (StableDiffusionTeacher, _transformers_class, latent_side, load_vae,
                                                vae_scale_factor)
 from distill.teachers.tokens import TokenMap
@@ -42,15 +41,14 @@ class StableDiffusion3Teacher:
 
     pooled_key = "pooled_projections"  # the conditioning entry GAN heads read (head_condition)
 
-    # the VAE side, the null conditioning and guidance are Stable Diffusion's
+    # the VAE side and the null conditioning are Stable Diffusion's
     _latent_affine = StableDiffusionTeacher._latent_affine
     encode_images = StableDiffusionTeacher.encode_images
     decode = StableDiffusionTeacher.decode
     condition = StableDiffusionTeacher.condition
     null_condition = StableDiffusionTeacher.null_condition
     head_condition = StableDiffusionTeacher.head_condition
-    guided_output = StableDiffusionTeacher.guided_output  # (null, cond) in one batch, the pipeline's order
-    x0 = StableDiffusionTeacher.x0
+    guidance, null_first = "cfg", True  # the pipeline batches (negative, prompt)
 
     def __init__(self, *, transformer: SD3Transformer2DModel, vae: AutoencoderKL, tokenizers: list, text_encoders: list,
                  scheduler_config: dict, image_size: int | None = None, max_sequence_length: int = MAX_SEQUENCE_LENGTH):

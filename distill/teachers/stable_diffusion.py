@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DCon
 from torch import Tensor, nn
 
 from distill.schedules import schedule_from_config
-from distill.teachers.base import cached_condition, cat_conditions
+from distill.teachers.base import cached_condition
 
 
 def _transformers_class(index: dict, name: str) -> type:
@@ -72,6 +72,7 @@ class StableDiffusionTeacher:
 
     text_components = (("tokenizer", "text_encoder"),)  # (tokenizer, encoder) component names, in order
     pooled_key = "pooled"  # the conditioning entry GAN heads read (head_condition)
+    guidance, null_first = "cfg", True  # the pipelines batch (negative, prompt)
 
     def __init__(self, *, unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: list, text_encoders: list[nn.Module],
                  scheduler_config: dict, force_zeros_for_empty_prompt: bool = False, image_size: int | None = None):
@@ -216,22 +217,6 @@ class StableDiffusionTeacher:
         dtype = next(denoiser.parameters()).dtype
         t = t.expand(x_t.shape[0]) if t.dim() == 1 and t.numel() == 1 else t
         return denoiser(x_t.to(dtype), t, **self._unet_kwargs(cond, dtype)).sample.float()
-
-    def guided_output(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float) -> Tensor:
-        """Model output with classifier-free guidance (Ho & Salimans 2022, eq. 6): null-prompt and
-        conditional outputs from one batched call (in the pipelines' order), mixed by
-        ``guidance_scale`` (1: none)."""
-        if guidance_scale == 1.0:
-            return self.output(denoiser, x_t, t, cond)
-        both = cat_conditions([self.null_condition(cond), cond])
-        t2 = torch.cat([t, t]) if t.numel() > 1 else t
-        out_null, out_cond = self.output(denoiser, torch.cat([x_t, x_t]), t2, both).chunk(2)
-        return out_null + guidance_scale * (out_cond - out_null)
-
-    def x0(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor:
-        """x0 estimate [B, C, H, W], float32, from the (guided) model output."""
-        output = self.guided_output(denoiser, x_t, t, cond, guidance_scale)
-        return self.schedule.to_x0(output, x_t.float(), t, self.prediction_type)
 
     def bottleneck(self, denoiser: nn.Module) -> nn.Module:
         return denoiser.mid_block

@@ -31,7 +31,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 from torch import Tensor, nn
 
 from distill.schedules import schedule_from_config
-from distill.teachers.base import cached_condition, cat_conditions
+from distill.teachers.base import cached_condition
 from distill.teachers.stable_diffusion import (StableDiffusionTeacher, _transformers_class, latent_side, load_vae,
                                                vae_scale_factor)
 from distill.teachers.tokens import TokenMap
@@ -41,7 +41,7 @@ class _LatentTransformerTeacher:
     """Shared by DiT and PixArt: a patch transformer over VAE latents, epsilon (or v) prediction
     on a DDPM schedule, learned variance dropped. Subclasses define the conditioning."""
 
-    null_first = True  # guided_output's batch order: the pipeline's (PixArt: null, cond; DiT: cond, null)
+    guidance, null_first = "cfg", True  # the CFG batch order is the pipeline's (PixArt: null, cond; DiT: cond, null)
 
     # the VAE side is Stable Diffusion's: scaled (shifted) latents, decode differentiable
     _latent_affine = StableDiffusionTeacher._latent_affine
@@ -89,25 +89,6 @@ class _LatentTransformerTeacher:
         t = t.expand(x_t.shape[0]) if t.numel() == 1 else t
         out = denoiser(x_t.to(dtype), timestep=t, **self._transformer_kwargs(cond, dtype)).sample
         return out[:, : x_t.shape[1]].float()
-
-    def guided_output(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float) -> Tensor:
-        """Model output with classifier-free guidance (Ho & Salimans 2022, eq. 6) from one batched
-        call in the pipeline's order; ``guidance_scale`` 1: none. Guidance mixes the epsilon
-        channels only, as both pipelines do (the variance half is dropped before)."""
-        if guidance_scale == 1.0:
-            return self.output(denoiser, x_t, t, cond)
-        null = self.null_condition(cond)
-        both = cat_conditions([null, cond] if self.null_first else [cond, null])
-        t = t.reshape(-1)
-        t2 = torch.cat([t, t]) if t.numel() > 1 else t
-        first, second = self.output(denoiser, torch.cat([x_t, x_t]), t2, both).chunk(2)
-        out_null, out_cond = (first, second) if self.null_first else (second, first)
-        return out_null + guidance_scale * (out_cond - out_null)
-
-    def x0(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor:
-        """x0 estimate [B, C, H, W], float32, from the (guided) model output."""
-        output = self.guided_output(denoiser, x_t, t, cond, guidance_scale)
-        return self.schedule.to_x0(output, x_t.float(), t, self.prediction_type)
 
     def bottleneck(self, denoiser: nn.Module) -> TokenMap:
         """The middle transformer block's tokens as a map [B, D, h, w]: a transformer has no
@@ -185,9 +166,6 @@ class DiTTeacher(_LatentTransformerTeacher):
         if cached is not None:
             return cached
         return {"class_labels": torch.as_tensor(batch["class_label"]).long()}
-
-    def random_condition(self, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
-        return {"class_labels": torch.randint(0, self.num_classes, (batch_size,), generator=generator)}
 
     def null_condition(self, cond: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"class_labels": torch.full_like(cond["class_labels"], self.null_class)}

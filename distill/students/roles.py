@@ -1,21 +1,6 @@
-"""The few-step generator: the teacher's denoiser run at N fixed timesteps, trained as a full
-copy or as a LoRA of the frozen teacher.
-
-Sampling (DMD2, Yin et al. 2024, §4.5): the first step denoises pure Gaussian noise as if it
-were x_t at ``timesteps[0]``; each later step re-noises the previous x0 estimate to the next
-timestep with fresh noise and denoises again. The random draws follow diffusers'
-``LCMScheduler`` loop (initial noise, then one draw per re-noising from the same
-generator), so an export reproduces these samples in stock diffusers.
-
-LoRA roles. A LoRA student (and DMD2's LoRA fake score) is a peft adapter injected into the
-teacher's own denoiser, so one frozen base network serves as teacher, student and fake
-score with no copies. The base rests with every adapter off: the teacher, and any code that
-holds ``teacher.denoiser``, sees the original network. A ``LoraRole`` is a view of the base
-whose forward turns on its one adapter for that call. A role owns only its adapter's
-weights: its ``parameters()``, ``requires_grad_``, ``state_dict`` (what accelerate
-checkpoints), optimizers, EMA and DDP see that adapter and nothing of the base or of the
-other roles' adapters. A full copy (rank 0) is an ordinary module that owns every weight.
-"""
+"""Trainable roles over the teacher's network: a full float32 copy (rank 0), or a LoRA role,
+a peft adapter injected into the teacher's own network and seen through ``LoraRole``; and
+the peft plumbing that switches adapters per call (see ``distill.students``)."""
 
 from __future__ import annotations
 
@@ -23,63 +8,18 @@ import copy
 import sys
 import warnings
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 if TYPE_CHECKING:  # peft (and the transformers it imports) loads on first use: seconds saved for full students
     from peft import LoraConfig
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-X0Fn = Callable[[Tensor, Tensor], Tensor]  # (x_t [B, ...], t [B]) -> x0 [B, ...]
-
 STUDENT, FAKE_SCORE = "student", "fake_score"  # adapter names of the two trainable roles
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's file names
 
 
-class FewStepSampler:
-    """Sampling and backward simulation over fixed, descending ``timesteps``."""
-
-    def __init__(self, timesteps: list[int], schedule):
-        self.timesteps = list(timesteps)
-        self.schedule = schedule
-
-    def __len__(self) -> int:
-        return len(self.timesteps)
-
-    def timestep(self, index: int, x: Tensor) -> Tensor:
-        """``timesteps[index]`` as a [B] tensor for the batch ``x``."""
-        return torch.full((x.shape[0],), self.timesteps[index], dtype=torch.long, device=x.device)
-
-    def renoise(self, x0: Tensor, index: int, generator: torch.Generator | None) -> Tensor:
-        """x_t at ``timesteps[index]`` from x0 and a fresh draw of noise."""
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=generator.device if generator else None)
-        return self.schedule.add_noise(x0, noise.to(x0.device), self.timestep(index, x0))
-
-    def simulate(self, x0_fn: X0Fn, noise: Tensor, steps: int, generator: torch.Generator | None) -> Tensor:
-        """Run the first ``steps`` steps without gradient; return the input of step ``steps``
-        (``noise`` itself when ``steps == 0``): the backward simulation of DMD2 §4.5. Each x0 is
-        treated as the checkpoint's scheduler treats it (``schedule.clip_x0``) before re-noising,
-        as the exported scheduler does."""
-        x_t = noise
-        with torch.no_grad():
-            for i in range(steps):
-                x0 = self.schedule.clip_x0(x0_fn(x_t, self.timestep(i, x_t)))
-                x_t = self.renoise(x0, i + 1, generator)
-        return x_t
-
-    @torch.no_grad()
-    def sample(self, x0_fn: X0Fn, noise: Tensor, generator: torch.Generator | None, num_steps: int | None = None) -> Tensor:
-        """x0 after ``num_steps`` (default: all) student steps from ``noise`` [B, C, H, W], clipped
-        as the checkpoint's scheduler clips it (``schedule.clip_x0``)."""
-        steps = len(self.timesteps) if num_steps is None else num_steps
-        x_t = self.simulate(x0_fn, noise, steps - 1, generator)
-        return self.schedule.clip_x0(x0_fn(x_t, self.timestep(steps - 1, x_t)))
-
-
-# ------------------------------------------------------------------------------------------ roles
 def lora_config(*, rank: int, alpha: float | None, target_modules: Sequence[str]) -> LoraConfig | None:
     """The peft ``LoraConfig`` of a LoRA role, or None for rank 0 (train every weight).
     ``alpha`` None means alpha = rank (scale 1); LoRA's update is B @ A * alpha / rank."""
@@ -146,12 +86,6 @@ class LoraRole(nn.Module):
         self.adapter = adapter
         self.weights = nn.ParameterDict({key.replace(".", "__"): p for key, p in _adapter_parameters(base, adapter)})
 
-    @contextmanager
-    def active(self) -> Iterator["LoraRole"]:
-        """This adapter on (all others off) inside the block; the previous state after it."""
-        with _adapters_on(self.base, self.adapter):
-            yield self
-
     def forward(self, *args, **kwargs):
         with _adapters_on(self.base, self.adapter):
             return self.base(*args, **kwargs)
@@ -208,77 +142,6 @@ def eval_copy(student: nn.Module) -> nn.Module:
         for key, p in student.weights.items():
             frozen.weights[key].copy_(p)
     return frozen
-
-
-# ------------------------------------------------------------------------------------------ files
-def is_lora_checkpoint(directory: str | Path) -> bool:
-    """Whether a saved student is a LoRA (peft adapter files) rather than a full network."""
-    return (Path(directory) / ADAPTER_CONFIG).is_file()
-
-
-def lora_state_dict(student: LoraRole) -> tuple[dict[str, Tensor], LoraConfig]:
-    """The role's adapter as peft saves it (keys ``<module>.lora_A.weight`` / ``.lora_B.weight``
-    without the adapter name) and its ``LoraConfig``."""
-    from peft import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(student.base, adapter_name=student.adapter)
-    return {k: v.detach().contiguous() for k, v in state.items()}, student.base.peft_config[student.adapter]
-
-
-def save_student(student: nn.Module, directory: str | Path) -> None:
-    """A full student: diffusers ``save_pretrained`` (config.json + safetensors). A LoRA role:
-    peft's adapter format, ``adapter_model.safetensors`` (its adapter only) and
-    ``adapter_config.json`` (the ``LoraConfig``), loadable onto the teacher's network."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    if not isinstance(student, LoraRole):
-        student.save_pretrained(directory, safe_serialization=True)
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    state, config = lora_state_dict(student)
-    save_file({k: v.cpu() for k, v in state.items()}, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    config.save_pretrained(str(directory))
-
-
-def load_student(base: nn.Module | type, directory: str | Path, *, adapter: str = STUDENT) -> nn.Module:
-    """A saved student, frozen and in eval mode, ready to sample from.
-
-    Full checkpoint: ``from_pretrained`` of ``base``'s class (``base`` may be the class or the
-    teacher's network). LoRA checkpoint: ``base`` must be the teacher's network (its weights
-    are the LoRA's base); the adapter is injected into it as ``adapter`` and a ``LoraRole``
-    returned, so the teacher and the student share one network (``fuse`` makes a plain
-    network of it, for export)."""
-    from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    if not is_lora_checkpoint(directory):
-        cls = base if isinstance(base, type) else type(base)
-        return cls.from_pretrained(directory, use_safetensors=True).eval().requires_grad_(False)
-    if isinstance(base, type):
-        raise TypeError(f"{directory} holds a LoRA: pass the teacher's network (its base), not the class {base.__name__}")
-    _add_adapter(base, LoraConfig.from_pretrained(str(directory)), adapter)
-    state = load_file(directory / ADAPTER_WEIGHTS)
-    result = set_peft_model_state_dict(base, state, adapter_name=adapter)
-    missing = [k for k in result.missing_keys if f".{adapter}." in k]
-    if result.unexpected_keys or missing:
-        raise ValueError(f"{directory}: the LoRA does not fit the network: unexpected {result.unexpected_keys[:5]}, "
-                         f"missing {missing[:5]}")
-    return LoraRole(base, adapter).requires_grad_(False).eval()
-
-
-def fuse(student: nn.Module) -> nn.Module:
-    """The student as one plain network. A LoRA role's adapter is merged into its base's
-    weights (W + B A alpha / rank) and every peft layer removed, in place: the base is the
-    teacher no more. A full student comes back as it is."""
-    if not isinstance(student, LoraRole):
-        return student
-    base = student.base
-    for layer in _lora_layers(base):
-        layer.merge(adapter_names=[student.adapter])  # layers without this adapter skip it
-    _remove_lora_layers(base)
-    return base
 
 
 # ------------------------------------------------------------------------------------------ peft plumbing

@@ -1,0 +1,173 @@
+"""The checks of a recipe beyond keys and types: value ranges, combinations, and the files
+it names (teacher, data, evaluation models), all before any weights load. Sections check
+themselves where they can (``LoraConfig.check``, each method's ``check``); this module runs
+them and the checks that span sections. A check reports with ``distill.sections.fail(key,
+message)``; ``validate`` adds the recipe file.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+from distill.config.schema import Config, EvalConfig
+from distill.errors import ConfigError, SettingError
+from distill.sections import check_model_dir, check_not_negative, check_positive, fail, local_or_hub
+
+
+@contextmanager
+def keyed_errors(source: str):
+    """Re-raise a section check's ``SettingError`` as a ``ConfigError`` that names ``source``."""
+    try:
+        yield
+    except SettingError as err:
+        raise ConfigError(f"{source}: {err.key}: {err.message}") from None
+
+
+def teacher_scheduler_config(path: str, revision: str | None = None) -> dict | None:
+    """The teacher's scheduler config read from a local directory (no weights), else None."""
+    local = local_or_hub(path)
+    if local is None:
+        return None
+    candidate = local / "scheduler" / "scheduler_config.json"
+    return json.loads(candidate.read_text()) if candidate.is_file() else None
+
+
+def validate(config: Config, source: str) -> None:
+    """Check value ranges, combinations and the files the config names."""
+    with keyed_errors(source):
+        _check(config)
+
+
+def _check(config: Config) -> None:
+    t, s, d, m = config.train, config.student, config.data, config.method
+    check_positive({
+        "data.batch_size": d.batch_size,
+        "train.max_steps": t.max_steps,
+        "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train.checkpoint_every": t.checkpoint_every,
+        "train.keep_checkpoints": t.keep_checkpoints,
+        "train.log_every": t.log_every,
+        "train.max_nonfinite_steps": t.max_nonfinite_steps,
+        "optim.student.lr": config.optim.student.lr,
+        "optim.critic.lr": config.optim.critic.lr,
+        "train.num_grid_samples": t.num_grid_samples,
+    })
+    check_not_negative({
+        "train.sample_every": t.sample_every,
+        "eval.every": config.eval.every,
+        "train.max_grad_norm": t.max_grad_norm,
+        "teacher.guidance_scale": config.teacher.guidance_scale,
+    })
+    if not 0.0 <= t.ema_decay < 1.0:
+        fail("train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    for name in ("student", "critic"):
+        betas = getattr(config.optim, name).betas
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            fail(f"optim.{name}.betas", f"must be two numbers in [0, 1), got {betas}")
+    if t.max_minutes is not None and t.max_minutes <= 0:
+        fail("train.max_minutes", f"must be positive, got {t.max_minutes}")
+
+    ts = s.timesteps
+    if not ts:
+        fail("student.timesteps", "needs at least one timestep")
+    if min(ts) < 1:
+        fail("student.timesteps", f"timesteps must be at least 1 (t=0 is the clean image), got {ts}")
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        fail("student.timesteps", f"must be strictly descending, got {ts}")
+    m.check(num_steps=len(ts), backward_simulation=s.backward_simulation)
+    s.lora.check("student.lora")
+    _check_data(config)
+
+    local = local_or_hub(config.teacher.path)
+    if local is not None and not (local / "model_index.json").is_file():
+        where = "does not exist" if not local.exists() else "has no model_index.json"
+        fail("teacher.path", f"{local.resolve()} {where} (give a diffusers pipeline directory or a hub id)")
+    scheduler = teacher_scheduler_config(config.teacher.path, config.teacher.revision)
+    if scheduler is not None:
+        _check_timesteps(config, scheduler)
+    check_eval(config.eval)
+    if config.resume not in (None, "latest") and not Path(config.resume).is_dir():
+        fail("resume", f"checkpoint directory {Path(config.resume).resolve()} does not exist")
+
+
+def _check_timesteps(config: Config, scheduler: dict) -> None:
+    """The student's timesteps and the method's against the teacher's scheduler config."""
+    from distill.schedulers import few_step_scheduler
+    from distill.schedules import FlowSchedule, schedule_from_config
+
+    schedule = schedule_from_config(scheduler)
+    num_train = schedule.num_train_timesteps
+    # a flow-matching teacher's t = T is pure noise (sigma = 1): a flow student starts there
+    last = num_train if isinstance(schedule, FlowSchedule) else num_train - 1
+    ts = config.student.timesteps
+    for key, value in {"student.timesteps": max(ts), **config.method.timestep_settings()}.items():
+        if value > last:
+            fail(key, f"{value} is beyond the teacher's {num_train} training timesteps (at most {last})")
+    try:
+        few_step_scheduler(scheduler, ts)
+    except ValueError as err:
+        fail("student.timesteps", str(err))
+
+
+def _check_data(config: Config) -> None:
+    d, s = config.data, config.student
+    if d.dataset == "digits":
+        if d.path is not None:
+            fail("data.path", "the built-in digits take no path (set data.dataset to prompts or image_captions)")
+        if d.cache_dir is not None:
+            fail("data.cache_dir", "the built-in digits are encoded by nothing: the cache is for latent teachers' data")
+        return
+    if d.dataset == "classes":
+        if d.path is not None:
+            fail("data.path", "classes are the teacher's own class labels and read no path")
+        if d.cache_dir is not None:
+            fail("data.cache_dir", "class labels are encoded by nothing: the cache is for images and prompts")
+        if config.eval.clip is not None:
+            fail("eval.clip", "the CLIP score compares samples with their prompts; class labels have none")
+    elif d.path is None:
+        fail("data.path", f"the {d.dataset} dataset needs a path: a local file or directory, or an HF datasets hub "
+             "id (on the command line: data.path=...)")
+    local = local_or_hub(d.path) if d.path is not None else None
+    if local is not None and not local.exists():
+        fail("data.path", f"{local.resolve()} does not exist")
+    needs_images = config.method.needs_real_images(num_steps=len(s.timesteps), backward_simulation=s.backward_simulation)
+    if d.dataset in ("prompts", "classes") and needs_images:
+        fix = "use image_captions" if d.dataset == "prompts" else "no class-labelled image dataset is supported yet"
+        fail("data.dataset", f"{d.dataset} have no real images, but method {config.method.name} (its GAN term, or "
+             f"training without backward simulation) needs them: {fix}")
+    if d.resolution is not None and d.resolution <= 0:
+        fail("data.resolution", f"must be positive, got {d.resolution}")
+    if "classifier" in config.eval.features:
+        fail("eval.features", f"the classifier feature space is the digits classifier's; score {d.dataset} "
+             "samples in dinov2 (FD-DINOv2) or inception features, or set eval.features: [] and eval.clip")
+    if d.dataset in ("prompts", "classes") and config.eval.features:
+        fail("eval.features", f"{d.dataset} have no reference images for FD / precision / recall: set "
+             "eval.features: [] (and eval.clip for the CLIP score of prompts) or train on image_captions")
+
+
+def check_eval(e: EvalConfig) -> None:
+    """The ``eval`` section alone (also ``distill eval``'s settings, which have no recipe)."""
+    from distill.features import FEATURE_SPACES
+
+    check_positive({f"eval.{name}": getattr(e, name) for name in
+                    ("num_samples", "every_num_samples", "batch_size", "nearest_k", "kid_subsets", "kid_subset_size")})
+    for name in e.features:
+        if name not in FEATURE_SPACES:
+            fail("eval.features", f"unknown feature space {name!r}; choose from {', '.join(FEATURE_SPACES)}")
+    if len(set(e.features)) != len(e.features):
+        fail("eval.features", f"lists a feature space twice: {e.features}")
+    if "classifier" in e.features and e.classifier is None:
+        fail("eval.features", "the classifier feature space needs eval.classifier (or drop it from eval.features)")
+    if e.every and not e.features:
+        fail("eval.every", "evaluation during training needs at least one feature space in eval.features")
+    for name in ("num_samples", "every_num_samples"):
+        if e.features and getattr(e, name) <= e.nearest_k:
+            fail(f"eval.{name}", f"precision/recall with eval.nearest_k={e.nearest_k} need more samples")
+    if "dinov2" in e.features:
+        check_model_dir("eval.dinov2", e.dinov2, "DINOv2")
+    if e.clip is not None:
+        check_model_dir("eval.clip", e.clip, "CLIP")
+    if e.classifier is not None:
+        check_model_dir("eval.classifier", e.classifier, "classifier")

@@ -1,0 +1,157 @@
+"""The recipe schema: nested dataclasses whose fields carry their defaults and help.
+
+This is the only place defaults live (with the sections of ``distill.sections`` and each
+method's own section in ``distill.methods``). The ``method`` section is whichever registered
+method ``method.name`` names (the field's ``registry``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from distill.methods import DEFAULT_METHOD, METHODS, MethodConfig
+from distill.sections import LoraConfig, setting
+
+
+@dataclass
+class TeacherConfig:
+    path: str = setting(
+        "models/digits-teacher",
+        "diffusers checkpoint of the teacher: a hub id or a local pipeline directory (model_index.json)",
+    )
+    revision: Optional[str] = setting(None, "hub revision (branch, tag or commit) of `path`")
+    guidance_scale: float = setting(1.0, "classifier-free guidance scale of the real score (1 = no guidance)")
+    dtype: Literal["float32", "float16", "bfloat16"] = setting(
+        "float32", "dtype of the frozen teacher parts (denoiser, VAE, text encoders); trainable copies stay float32"
+    )
+
+
+@dataclass
+class StudentConfig:
+    timesteps: list[int] = setting(
+        [500],
+        "the student's fixed timesteps, descending; each step denoises pure noise (first) or the previous "
+        "output re-noised to that timestep. One step conditioned at t=500 works on digits; [999, 749, 499, 249] "
+        "is the usual 4-step schedule",
+    )
+    lora: LoraConfig = setting(LoraConfig(), "train the student as a LoRA of the teacher (rank > 0) instead of all weights")
+    backward_simulation: bool = setting(
+        True,
+        "multi-step training inputs come from running the student itself (DMD2 §4.5) rather than noised real images",
+    )
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["digits", "classes", "prompts", "image_captions"] = setting(
+        "digits",
+        "training data: digits (the built-in scikit-learn digits), classes (class labels only, each of the teacher's "
+        "classes 100 times per epoch: data-free distribution matching for class-conditional teachers such as DiT), "
+        "prompts (text only: data-free distribution matching) or image_captions (images with captions: real images for "
+        "the GAN and ADD)",
+    )
+    path: Optional[str] = setting(
+        None, "prompts: a .txt file (one prompt per line) or an HF datasets directory / hub id; image_captions: an "
+        "imagefolder directory (metadata.jsonl captions), a parquet file or directory, or an HF datasets hub id"
+    )
+    split: str = setting("train", "split of an HF dataset")
+    prompt_column: str = setting("text", "column holding the prompt / caption")
+    image_column: str = setting("image", "column holding the image (image_captions)")
+    resolution: Optional[int] = setting(
+        None, "image_captions: side of the square training images (resize the short side, centre crop); null = the teacher's"
+    )
+    cache_dir: Optional[str] = setting(
+        None, "opt-in cache of VAE latents and text embeddings on disk (keyed by data and teacher), so long runs "
+        "encode once; null = encode every batch"
+    )
+    batch_size: int = setting(64, "samples per process per micro-batch")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = setting(1e-5, "learning rate (constant after warm-up)")
+    betas: list[float] = setting([0.0, 0.999], "Adam betas")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    warmup_steps: int = setting(0, "linear learning-rate warm-up, in optimizer steps")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = setting(1000, "student updates to run")
+    max_minutes: Optional[float] = setting(
+        None, "wall-clock budget: stop (and checkpoint) after this many minutes even if max_steps is not reached"
+    )
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step, for both optimizers")
+    mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", "mixed precision, through Accelerate")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm for student and critic (0 disables)")
+    max_nonfinite_steps: int = setting(
+        5, "an update whose loss or gradient is not finite is skipped (no weight moves) and counted; after this many "
+        "student steps in a row with a skipped update the run stops, its last checkpoint intact"
+    )
+    gradient_checkpointing: bool = setting(
+        False, "recompute the student's and fake score's activations in the backward pass (less memory, ~30% slower)"
+    )
+    ema_decay: float = setting(0.99, "EMA decay of the student's weights (0 disables EMA)")
+    checkpoint_every: int = setting(200, "save a resumable checkpoint every N student steps")
+    keep_checkpoints: int = setting(2, "how many recent checkpoints to keep")
+    log_every: int = setting(10, "log losses every N student steps")
+    sample_every: int = setting(200, "write a sample grid every N student steps (0 disables)")
+    num_grid_samples: int = setting(64, "images in each sample grid")
+
+
+@dataclass
+class EvalConfig:
+    features: list[str] = setting(
+        ["classifier"],
+        "feature spaces for FD, KID, precision and recall: classifier (eval.classifier's features), dinov2 "
+        "(FD-DINOv2, eval.dinov2) and/or inception (classic FID; needs torch-fidelity and network); the first "
+        "one's FD picks the best checkpoint. [] disables scoring",
+    )
+    classifier: Optional[str] = setting(
+        "models/digits-classifier",
+        "classifier (hub id or local dir) for the classifier feature space and class accuracy (null: none)",
+    )
+    dinov2: str = setting("facebook/dinov2-large", "DINOv2 checkpoint (hub id or local dir) for the dinov2 feature space")
+    clip: Optional[str] = setting(
+        None, "CLIP model (hub id or local dir, e.g. openai/clip-vit-large-patch14) for the CLIP score of text-conditioned "
+        "samples against their prompts (null: no CLIP score)"
+    )
+    num_samples: int = setting(2000, "samples drawn for the final scores (metrics.json)")
+    every: int = setting(
+        0, "score the EMA student every N student steps during training, log it and keep the best checkpoint (0: only at the end)"
+    )
+    every_num_samples: int = setting(1000, "samples drawn for each evaluation during training")
+    nearest_k: int = setting(3, "k of the k-nearest-neighbour manifolds of precision and recall (Kynkäänniemi et al. 2019)")
+    kid_subsets: int = setting(100, "random subsets averaged by KID")
+    kid_subset_size: int = setting(1000, "samples per KID subset (capped at the smaller set's size)")
+    cache_dir: str = setting("~/.cache/distill/reference", "where reference-set features are cached, keyed by dataset and extractor")
+    batch_size: int = setting(500, "generation and feature-extraction batch for scoring")
+
+
+@dataclass
+class OptimConfig:
+    student: OptimizerConfig = setting(OptimizerConfig(lr=1e-5), "optimizer of the student (generator)")
+    critic: OptimizerConfig = setting(
+        OptimizerConfig(lr=1e-4), "optimizer of the critic: fake score network and GAN head"
+    )
+
+
+@dataclass
+class Config:
+    output_dir: str = setting("runs/digits-dmd2-1step", "run directory: checkpoints, logs, samples, scores")
+    seed: int = setting(0, "seed of every random draw of the run")
+    resume: Optional[str] = setting(
+        None, "continue a run: 'latest' (newest checkpoint in output_dir) or a checkpoint directory"
+    )
+    teacher: TeacherConfig = setting(TeacherConfig(), "the pretrained model to distill")
+    student: StudentConfig = setting(StudentConfig(), "the few-step generator")
+    method: MethodConfig = field(
+        default_factory=lambda: METHODS[DEFAULT_METHOD](),
+        metadata={"help": "the distillation method and its losses: method.name picks a registered method, whose "
+                          "section the other method.* keys are", "registry": METHODS},
+    )
+    data: DataConfig = setting(DataConfig(), "training data")
+    optim: OptimConfig = setting(OptimConfig(), "optimizers")
+    train: TrainConfig = setting(TrainConfig(), "training loop")
+    eval: EvalConfig = setting(EvalConfig(), "scoring at the end of training")

@@ -1,0 +1,109 @@
+"""The method registry: the names it supplies, each method's own recipe section, and a method
+without a critic that trains through the real trainer because the trainer names no method."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+
+from distill import config as config_lib
+from distill import train
+from distill.denoiser import Denoiser
+from distill.methods import METHODS, ADDConfig, DMD2Config, LADDConfig, MethodConfig
+from distill.methods.common import student_x0, to_device
+from distill.runs import find_checkpoint
+from distill.sections import check_positive, setting
+
+RECIPE = str(REPO / "recipes" / "digits-dmd2-1step.yaml")
+
+
+def test_the_registry_names_each_method_once():
+    assert METHODS == {"dmd2": DMD2Config, "add": ADDConfig, "ladd": LADDConfig}
+    assert all(section().name == name for name, section in METHODS.items())
+
+
+def test_method_name_picks_the_section_and_its_defaults(tiny_teacher):
+    base = [f"teacher.path={tiny_teacher}", "eval.features=[]", "eval.classifier=null"]
+    ladd = config_lib.load(None, [*base, "method.name=ladd"]).method
+    assert isinstance(ladd, LADDConfig)
+    assert ladd.gan.discriminator.backbone == "teacher" and ladd.distill_weight == 0.0 and ladd.gan.loss == "hinge"
+    add = config_lib.load(None, [*base, "method.name=add", "method.gan.discriminator.backbone=teacher"]).method
+    assert type(add) is ADDConfig and add.distill_weight == 2.5 and not hasattr(add, "dmd_weight")
+    assert not hasattr(config_lib.load(None, base).method, "distill_weight")
+
+
+def test_an_unknown_method_lists_the_registered_names(tiny_teacher):
+    with pytest.raises(config_lib.ConfigError, match=r"<defaults>: method.name: unknown method 'sid'; choose from dmd2, add, ladd"):
+        config_lib.load(None, [f"teacher.path={tiny_teacher}", "method.name=sid"])
+
+
+def test_a_key_of_another_method_names_the_method_whose_keys_apply(tiny_teacher):
+    with pytest.raises(config_lib.ConfigError, match=r"method.dmd_weight: unknown key; method \(ladd\) takes name, critic_updates"):
+        config_lib.load(None, [f"teacher.path={tiny_teacher}", "method.name=ladd", "method.dmd_weight=1"])
+
+
+# ------------------------------------------------------------------------------ a method without a critic
+@dataclass
+class RegressionConfig(MethodConfig):
+    """A toy method: the student's x0 regresses on the teacher's x0 of the same noisy input."""
+
+    name: str = setting("regression", "the method")
+    t: int = setting(500, "timestep of the student's and the teacher's input")
+
+    def check(self, *, num_steps: int, backward_simulation: bool) -> None:
+        check_positive({"method.t": self.t})
+
+    def build(self, *, teacher, sampler, guidance_scale: float, backward_simulation: bool):
+        return Regression(teacher, sampler, guidance_scale)
+
+
+class Regression:
+    critic_updates, with_fake_score, fake_score_lora = 0, False, None
+
+    def __init__(self, teacher, sampler, guidance_scale):
+        self.teacher, self.sampler = teacher, sampler
+        self.mu_real = Denoiser(teacher, teacher.denoiser, guidance_scale)
+
+    def build_critic(self, *, fake_score, device):
+        return None
+
+    def generator_loss(self, student, critic, batch, generator, device):
+        assert critic is None
+        cond = to_device(self.teacher.condition(batch), device)
+        x0_student = student_x0(self.teacher, self.sampler, student, to_device(batch, device), cond, generator, grad=True,
+                                backward_simulation=True)
+        with torch.no_grad():
+            x_t = self.teacher.schedule.add_noise(x0_student.detach(), torch.randn(x0_student.shape, generator=generator), 500)
+            x0_teacher = self.mu_real.x0(x_t, torch.full((len(x_t),), 500), cond)
+        loss = (x0_student - x0_teacher).square().mean()
+        return loss, {"generator_loss": loss.detach()}
+
+    def critic_loss(self, *args):
+        raise AssertionError("a method without a critic has no critic phase")
+
+
+def test_a_method_without_a_critic_trains_through_the_trainer(tiny_teacher, tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "regression", RegressionConfig)
+    run = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(tiny_teacher, None, run, **{"train.sample_every": 0}) if not o.startswith("method.")]
+    with pytest.raises(config_lib.ConfigError, match="method.critic_updates: unknown key; method .regression."):
+        train.main([RECIPE, *overrides, "method.name=regression"])  # the recipe's DMD2 keys are not this method's
+
+    recipe = tmp_path / "regression.yaml"
+    recipe.write_text("method:\n  name: regression\n  t: 500\n")
+    train.main([str(recipe), *overrides])
+    rows = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(not k.startswith(("critic/", "lr/critic")) for r in rows for k in r)
+    assert rows[0]["generator/generator_loss"] > 0
+    from safetensors.torch import load_file
+
+    teacher = load_file(tiny_teacher / "unet" / "diffusion_pytorch_model.safetensors")
+    student = load_file(find_checkpoint(run) / "student" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+    assert not (find_checkpoint(run) / "model_1.safetensors").exists()  # no critic was checkpointed
+    assert config_lib.load(run / "config.yaml", ["resume=latest"]).method == RegressionConfig()
