@@ -14,7 +14,8 @@ from diffusers import DiffusionPipeline
 from safetensors import safe_open
 from torch import nn
 
-from distill.export import few_step_scheduler, kohya_state_dict, save_diffusers_lora, save_kohya_lora
+from distill.export.lora import kohya_state_dict, save_diffusers_lora, save_kohya_lora
+from distill.schedulers import few_step_scheduler
 from distill.lora_extract import extract_lora, image_distance, lora_fit, pipeline_image_distance, pipeline_images
 
 PROMPTS = ["a red cube", "two cats"]

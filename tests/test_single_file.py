@@ -22,7 +22,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from distill.export import few_step_scheduler
+from distill.schedulers import few_step_scheduler
 from distill.single_file import save_single_file, single_file_state_dict, unet_to_ldm
 
 PROMPTS = ["a red cube", "two cats"]
