@@ -130,16 +130,39 @@ def few_step_scheduler(teacher_scheduler_config: dict, timesteps: list[int]) -> 
     lcm.set_timesteps(n)
     if lcm.timesteps.tolist() == list(timesteps):
         return lcm
+    if schedule is not None and n > 1 and timesteps[0] + 1 < schedule.num_train_timesteps:
+        truncated = _truncated_lcm(schedule, teacher_scheduler_config, timesteps[0] + 1, n, common)
+        if truncated.timesteps.tolist() == list(timesteps):
+            return truncated
     if n == 1:
         ddim = DDIMScheduler.from_config(
             _accepted(DDIMScheduler, teacher_scheduler_config), timestep_spacing="leading", steps_offset=int(timesteps[0]), set_alpha_to_one=True, **common)
         ddim.set_timesteps(1)
         if ddim.timesteps.tolist() == list(timesteps):
             return ddim
+    first = (timesteps[0] + 1) // n * n  # the nearest T' below the first timestep that n divides
+    below = [first - 1 - i * (first // n) for i in range(n)]
     raise ValueError(
         f"no stock diffusers scheduler reproduces the timesteps {list(timesteps)} from set_timesteps({n}); "
-        f"with {n} steps use {lcm.timesteps.tolist()} (LCMScheduler), or a single step at any timestep"
+        f"with {n} steps use {lcm.timesteps.tolist()} or one that starts lower, such as {below} (LCMScheduler: "
+        f"T'/{n} apart down from T' - 1, for any T' that {n} divides), or a single step at any timestep"
     )
+
+
+def _truncated_lcm(schedule, config: dict, num_train: int, n: int, common: dict) -> LCMScheduler:
+    """An ``LCMScheduler`` over the first ``num_train`` timesteps of the teacher's schedule (its
+    betas up to there as ``trained_betas``, so alphas_cumprod[t] is the teacher's for every t it
+    visits): ``set_timesteps(n)`` then starts below the teacher's last timestep, at
+    ``num_train - 1``, and steps ``num_train / n`` apart, e.g. 499, 374, 249, 124 for 500 and 4.
+    A multi-step student can start there: on a linear schedule the epsilon -> x0 conversion at
+    t = 999 multiplies errors by sigma / alpha ~ 157, at t = 499 by ~3.4."""
+    alphas_cumprod = schedule.alphas_cumprod[:num_train]
+    betas = 1 - alphas_cumprod / np.concatenate([[1.0], alphas_cumprod[:-1].numpy()])
+    lcm = LCMScheduler.from_config(
+        _accepted(LCMScheduler, config), num_train_timesteps=num_train, trained_betas=betas.tolist(),
+        rescale_betas_zero_snr=False, original_inference_steps=n, timestep_scaling=_LCM_TIMESTEP_SCALING, **common)
+    lcm.set_timesteps(n)
+    return lcm
 
 
 def baseline_solvers(flow: bool = False) -> dict[str, Callable]:

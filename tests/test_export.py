@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO, tiny_overrides
-from diffusers import DiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline
 
 from distill import train
 from distill.export import export
@@ -46,7 +46,8 @@ def _steps(export_dir):
     return len(yaml.safe_load((export_dir / "distill_recipe.yaml").read_text())["student"]["timesteps"])
 
 
-@pytest.mark.parametrize("timesteps,scheduler", [("[500]", "DDIMScheduler"), ("[999,749,499,249]", "LCMScheduler")])
+@pytest.mark.parametrize("timesteps,scheduler", [("[500]", "DDIMScheduler"), ("[999,749,499,249]", "LCMScheduler"),
+                                                 ("[499,374,249,124]", "LCMScheduler")])
 def test_export_reproduces_the_student(tiny_teacher, tiny_classifier, tmp_path, timesteps, scheduler):
     run = _train(tiny_teacher, tmp_path / "run", timesteps, tiny_classifier)
     out = export(run, tmp_path / "export")
@@ -82,6 +83,13 @@ def test_scheduler_choice_rejects_unreproducible_timesteps(tiny_teacher):
     assert few_step_scheduler(config, [999, 499]).timesteps.tolist() == [999, 499]
     with pytest.raises(ValueError, match=r"\[999, 749, 499, 249\]"):
         few_step_scheduler(config, [999, 700, 400, 100])
+    with pytest.raises(ValueError, match=r"such as \[499, 249\]"):
+        few_step_scheduler(config, [500, 250])
+    # a multi-step student may start below the last timestep: an LCMScheduler over the first T' timesteps
+    truncated = few_step_scheduler(config, [499, 249])
+    assert truncated.timesteps.tolist() == [499, 249] and truncated.config.num_train_timesteps == 500
+    full = DDPMScheduler.from_config(config)
+    torch.testing.assert_close(truncated.alphas_cumprod, full.alphas_cumprod[:500], rtol=1e-6, atol=1e-7)
 
 
 def test_example_program_imports_diffusers_not_distill(tiny_teacher, tiny_classifier, tmp_path):
