@@ -107,3 +107,51 @@ def test_a_method_without_a_critic_trains_through_the_trainer(tiny_teacher, tmp_
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
     assert not (find_checkpoint(run) / "model_1.safetensors").exists()  # no critic was checkpointed
     assert config_lib.load(run / "config.yaml", ["resume=latest"]).method == RegressionConfig()
+
+
+@pytest.mark.parametrize("backbone", ["fake_score", "teacher"])
+def test_the_discriminator_sees_its_own_timestep_range(tiny_teacher, backbone):
+    """method.gan.t_min / t_max: the GAN's real and fake inputs are re-noised in their own range,
+    the fake score's denoising loss keeps the method's; null keeps the one shared draw."""
+    from distill.methods.dmd2 import Critic
+    from distill.students import FewStepSampler, make_roles
+    from distill.teachers import load_teacher
+
+    teacher = load_teacher(str(tiny_teacher))
+    base = [f"teacher.path={tiny_teacher}", "eval.features=[]", "eval.classifier=null", "method.gan.weight=0.1",
+            f"method.gan.discriminator.backbone={backbone}"]
+    batch = {"image": torch.rand(16, 1, 8, 8) * 2 - 1, "class_label": torch.arange(16) % 10}
+
+    def critic_times(overrides):
+        section = config_lib.load(None, [*base, *overrides]).method
+        method = section.build(teacher=teacher, sampler=FewStepSampler([500], teacher.schedule), guidance_scale=1.0,
+                               backward_simulation=True)
+        _, _, fake_score = make_roles(teacher.denoiser, student_lora=None, fake_score_lora=None)
+        torch.manual_seed(0)
+        critic = method.build_critic(fake_score=fake_score, device="cpu")
+        seen = []
+        forward = Critic.forward
+
+        def record(self, x_t, t, cond, with_logits=False, disc=None):
+            seen.append((t, disc[1] if disc else None))
+            return forward(self, x_t, t, cond, with_logits, disc)
+
+        Critic.forward = record
+        try:
+            method.critic_loss(teacher.denoiser, critic, batch, torch.Generator().manual_seed(1), "cpu")
+        finally:
+            Critic.forward = forward
+        (t, disc_t), = seen
+        return t, disc_t
+
+    t, disc_t = critic_times(["method.gan.t_max=60"])
+    gan_t = disc_t if backbone == "teacher" else t[16:]
+    denoise_t = t[:16]
+    assert gan_t.max() <= 60 and len(gan_t) == 32 and denoise_t.max() > 60
+    t, disc_t = critic_times([])  # the shared range: student samples at the fake score's own timesteps
+    if backbone == "fake_score":
+        assert len(t) == 32 and t.max() > 60
+    else:
+        assert torch.equal(disc_t[:16], t) and disc_t.max() > 60
+    with pytest.raises(config_lib.ConfigError, match=r"method.gan.t_min: need 0 <= t_min < t_max, got 20 and 10"):
+        config_lib.load(None, [*base, "method.gan.t_max=10"])

@@ -102,7 +102,7 @@ class ADD(AdversarialMethod):
         x0_student = self._x0(student, batch, cond, generator, grad=True)
         n = len(x0_student)
 
-        t = self._timesteps(n, generator, device)
+        t = self._gan_timesteps(n, generator, device)
         noise = randn_like(x0_student, generator)
         logits_fake = critic(self._augment(x0_student, generator), t, noise, cond)
         logits_real = None
@@ -131,7 +131,7 @@ class ADD(AdversarialMethod):
         x0_fake = self._augment(self._x0(student, batch, cond, generator, grad=False), generator)
         x0_real = self._augment(real_x0(self.teacher, batch), generator)
         n = len(x0_fake)
-        t = self._timesteps(2 * n, generator, device)
+        t = self._gan_timesteps(2 * n, generator, device)
         noise = randn_like(torch.cat([x0_fake, x0_real]), generator)
         inputs = regularised_inputs(self.r1_kind, x0_fake, x0_real, self.r1_sigma, generator)
         if len(inputs) == 3:  # APT's perturbed real inputs keep the real inputs' timesteps and noise

@@ -136,6 +136,12 @@ class GanConfig:
     )
     discriminator: DiscriminatorConfig = setting(DiscriminatorConfig(), "the GAN discriminator: backbone and heads")
     r1: R1Config = setting(R1Config(), "discriminator regulariser")
+    t_min: Optional[int] = setting(
+        None, "smallest timestep at which the discriminator sees real and generated samples re-noised (null: method.t_min)")
+    t_max: Optional[int] = setting(
+        None, "largest timestep at which the discriminator sees real and generated samples re-noised (null: method.t_max). "
+        "Where little signal is left (small images at high noise) it tells real from fake by noise: a lower t_max "
+        "lets it judge what the samples look like")
 
     def check(self) -> None:
         check_not_negative({"method.gan.weight": self.weight})
@@ -161,10 +167,18 @@ class AdversarialMethodConfig(MethodConfig):
         check_positive({"method.critic_updates": self.critic_updates})
         if not 0 <= self.t_min < self.t_max:
             fail("method.t_min", f"need 0 <= t_min < t_max, got {self.t_min} and {self.t_max}")
+        gan_min, gan_max = self.gan_timestep_range()
+        if not 0 <= gan_min < gan_max:
+            fail("method.gan.t_min", f"need 0 <= t_min < t_max, got {gan_min} and {gan_max}")
         self.gan.check()
 
+    def gan_timestep_range(self) -> tuple[int, int]:
+        """The discriminator's re-noising timesteps: method.gan.t_min / t_max, null ones the method's."""
+        g = self.gan
+        return (self.t_min if g.t_min is None else g.t_min, self.t_max if g.t_max is None else g.t_max)
+
     def timestep_settings(self) -> dict[str, float]:
-        return {"method.t_max": self.t_max}
+        return {"method.t_max": self.t_max, **({"method.gan.t_max": self.gan.t_max} if self.gan.t_max is not None else {})}
 
     def resolve(self) -> None:
         if self.gan.loss is None:
@@ -173,6 +187,8 @@ class AdversarialMethodConfig(MethodConfig):
     def adversarial_settings(self) -> dict:
         """``distill.methods.common.AdversarialMethod``'s keyword arguments from this section."""
         g, d = self.gan, self.gan.discriminator
-        return dict(critic_updates=self.critic_updates, t_min=self.t_min, t_max=self.t_max, gan_weight=g.weight,
+        gan_t_min, gan_t_max = self.gan_timestep_range()
+        return dict(critic_updates=self.critic_updates, t_min=self.t_min, t_max=self.t_max, gan_t_min=gan_t_min,
+                    gan_t_max=gan_t_max, gan_weight=g.weight,
                     gan_loss=g.loss, r1_kind=g.r1.kind, r1_weight=g.r1.weight, r1_sigma=g.r1.sigma,
                     discriminator_backbone=d.backbone, dinov2=d.dinov2, layers=d.layers, head_width=d.head_width)

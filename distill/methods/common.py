@@ -119,26 +119,34 @@ def generator_objective(x0_student: Tensor, terms: dict[str, Tensor]) -> tuple[T
 
 class AdversarialMethod:
     """A method with a critic phase and a GAN term: the real score ``mu_real`` (the frozen
-    teacher, guided), student samples re-noised at timesteps in [t_min, t_max], the GAN
-    loss and the discriminator's regulariser, and ``critic_updates`` critic updates per
+    teacher, guided), student samples re-noised at timesteps in [t_min, t_max] (the
+    discriminator's in [gan_t_min, gan_t_max]), the GAN loss and the discriminator's regulariser, and ``critic_updates`` critic updates per
     student update. Subclasses add their losses and their critic (``build_critic``)."""
 
     with_fake_score = False
     fake_score_lora = None
 
     def __init__(self, *, teacher: "Teacher", sampler: FewStepSampler, guidance_scale: float, critic_updates: int,
-                 t_min: int, t_max: int, gan_weight: float, gan_loss: str, r1_kind: str, r1_weight: float,
+                 t_min: int, t_max: int, gan_t_min: int, gan_t_max: int, gan_weight: float, gan_loss: str, r1_kind: str, r1_weight: float,
                  r1_sigma: float, discriminator_backbone: str, dinov2: str, layers: list[int], head_width: int):
         self.teacher, self.sampler, self.schedule = teacher, sampler, teacher.schedule
         self.mu_real = Denoiser(teacher, teacher.denoiser, guidance_scale)
         self.critic_updates = critic_updates
         self.t_min, self.t_max = t_min, t_max
+        self.gan_t_min, self.gan_t_max = gan_t_min, gan_t_max
+        # the discriminator's timesteps come from their own draws only when their range differs
+        self.separate_gan_timesteps = (gan_t_min, gan_t_max) != (t_min, t_max)
         self.gan_weight, self.gan_loss = gan_weight, gan_loss
         self.r1_kind, self.r1_weight, self.r1_sigma = r1_kind, r1_weight, r1_sigma
         self.discriminator_backbone, self.dinov2, self.layers, self.head_width = discriminator_backbone, dinov2, layers, head_width
 
     def _timesteps(self, n: int, generator: torch.Generator, device) -> Tensor:
         return self.schedule.sample_timesteps(n, generator=generator, t_min=self.t_min, t_max=self.t_max, device=device)
+
+    def _gan_timesteps(self, n: int, generator: torch.Generator, device) -> Tensor:
+        """Timesteps at which the discriminator sees re-noised samples (method.gan.t_min / t_max)."""
+        return self.schedule.sample_timesteps(n, generator=generator, t_min=self.gan_t_min, t_max=self.gan_t_max,
+                                              device=device)
 
     def _discriminator(self, device) -> Discriminator:
         """A discriminator of its own: a frozen backbone (DINOv2 or the teacher) and trainable heads."""

@@ -171,7 +171,7 @@ class DMD2(AdversarialMethod):
         terms = {"dmd": self.dmd_weight * loss_dmd}
 
         if self.uses_gan:
-            t_gan = self._timesteps(len(x0_student), generator, device)
+            t_gan = self._gan_timesteps(len(x0_student), generator, device)
             logits_fake = self._logits(critic, x0_student, t_gan, randn_like(x0_student, generator), cond)
             logits_real = None
             if self.gan_loss == "relativistic":
@@ -200,23 +200,31 @@ class DMD2(AdversarialMethod):
             return loss, logs
 
         x0_real = self._real_x0(batch, device)
-        t_real = self._timesteps(n, generator, device)
+        t_real = self._gan_timesteps(n, generator, device)
         noise_real = randn_like(x0_real, generator)
+        # student samples reach the discriminator at the fake score's timesteps t, or at their own
+        # when the GAN's range differs (method.gan.t_min / t_max)
+        t_fake = self._gan_timesteps(n, generator, device) if self.separate_gan_timesteps else t
         # the discriminator's inputs: noised samples through the fake score's bottleneck, or
         # clean samples (with their noise and timesteps) through a separate discriminator
         if self.separate_discriminator:
             fake, real = x0_student, x0_real
         else:
-            fake, real = x_t, self.schedule.add_noise(x0_real, noise_real, t_real)
+            fake = x_t if t_fake is t else self.schedule.add_noise(x0_student, noise, t_fake)
+            real = self.schedule.add_noise(x0_real, noise_real, t_real)
         inputs = regularised_inputs(self.r1_kind, fake, real, self.r1_sigma, generator)
-        times = torch.cat([t, t_real, t_real][: len(inputs)])
+        times = torch.cat([t_fake, t_real, t_real][: len(inputs)])
         all_conds = cat_conditions([cond] * len(inputs)) if cond else {}
         with regulariser_context(self.r1_kind, device):
             if self.separate_discriminator:
                 disc = (torch.cat(inputs), times, torch.cat([noise, noise_real, noise_real][: len(inputs)]), all_conds)
                 output, logits = critic(x_t, t, cond, with_logits=True, disc=disc)
-            else:
+            elif t_fake is t:  # the fake score's own forward on x_t gives the fake logits too
                 output, logits = critic(torch.cat(inputs), times, all_conds, with_logits=True)
+            else:  # x_t for the denoising loss, then the discriminator's inputs, in one forward
+                output, logits = critic(torch.cat([x_t, *inputs]), torch.cat([t, times]),
+                                        cat_conditions([cond] * (len(inputs) + 1)) if cond else {}, with_logits=True)
+                logits = logits[n:]
         loss, logs = denoising_loss(output[:n], target)
         logits_fake, logits_real = logits[:n], logits[n : 2 * n]
         loss_d, d_logs = discriminator_adversarial_loss(logits_real, logits_fake, kind=self.gan_loss)
