@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from distill import config as config_lib
-from distill.errors import NonFiniteError
+from distill.config.device import check_device
+from distill.errors import user_errors
 
 
 def _validate(args) -> None:
@@ -23,6 +24,7 @@ def _validate(args) -> None:
     if args.recipe is None:
         raise SystemExit("distill validate: give a recipe (or --keys)")
     config = config_lib.load(args.recipe, args.overrides)
+    check_device(config, args.recipe)  # whether it would train here
     if args.print:
         import yaml
 
@@ -209,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (config_lib.ConfigError, FileNotFoundError, ValueError, NonFiniteError) as err:
-        sys.exit(f"distill {args.command}: {err}")
+    except user_errors() as err:
+        sys.exit(f"distill: {err}")
 
 
 if __name__ == "__main__":

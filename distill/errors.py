@@ -16,3 +16,10 @@ class SettingError(ConfigError):
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
         self.key, self.message = key, message
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What ``distill`` and ``python -m distill.train`` end with one line, ``distill: <message>``,
+    rather than a traceback: recipe errors (``<file>: <key>: <message>``), files that are missing
+    or unreadable, values a component refuses, and a diverged run."""
+    return (ConfigError, NonFiniteError, OSError, ValueError)

@@ -13,28 +13,40 @@ Run directory::
     metrics.json          final scores
 
 Checkpoints and ``best`` are written to a ``.partial-`` directory and renamed
-(``distill.atomic``), so the newest complete checkpoint always loads.
+(``distill.atomic``), and every read of one checks it first (``distill.checkpoints``): a
+damaged newest checkpoint is passed over, said so, for the newest complete one. A torn last
+line of a log (a kill mid-write) is dropped with a warning; logs rewritten on resume are
+written whole or not at all.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
-from distill.atomic import atomic_directory
+from distill import checkpoints
+from distill.atomic import atomic_directory, atomic_file
+from distill.checkpoints import (BEST, CHECKPOINT_INFO, CHECKPOINT_PREFIX, CHECKPOINTS, SET_ASIDE_PREFIX, STUDENT,
+                                 checkpoint_path, describe_skipped, file_sizes, listed_checkpoints)
 from distill.config import Config, from_dict
 from distill.errors import ConfigError
 
 CONFIG, LOSSES, SCORES, METRICS = "config.yaml", "losses.jsonl", "scores.jsonl", "metrics.json"
-CHECKPOINTS, CHECKPOINT_PREFIX, BEST = "checkpoints", "step-", "best"
-STUDENT = "student"  # the student's weights inside a checkpoint (diffusers or peft format)
-CHECKPOINT_INFO = "distill.json"  # a checkpoint's step, timesteps and teacher
 BEST_SCORES = "scores.json"  # inside checkpoints/best: its step and scores
+__all__ = ["BEST", "BEST_SCORES", "CHECKPOINTS", "CHECKPOINT_INFO", "CHECKPOINT_PREFIX", "CONFIG", "LOSSES", "METRICS",
+           "Run", "SCORES", "STUDENT", "append_row", "best_scores", "check_new_run", "checkpoint_path", "find_checkpoint",
+           "forget_steps_after", "is_run", "keep_if_best", "load_run", "prune_checkpoints", "read_metrics", "read_rows",
+           "samples_path", "write_checkpoint_info", "write_metrics"]
+
+
+def _stderr(message: str) -> None:
+    print(f"distill: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -63,46 +75,43 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest") -> Run:
 
 def check_new_run(config: Config, source: str) -> None:
     """A new run must not write into another run's directory (it would mix their logs)."""
-    if config.resume is None and _checkpoints(config.output_dir):
+    if config.resume is None and listed_checkpoints(config.output_dir):
         raise ConfigError(f"{source}: output_dir: {Path(config.output_dir).resolve()} already holds a run; "
                           "continue it with resume=latest or choose another output_dir")
 
 
 # ------------------------------------------------------------------------------ checkpoints
-def checkpoint_path(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:06d}"
-
-
-def _checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (partial ones are named ``.partial-step-N``)."""
-    root = Path(output_dir) / CHECKPOINTS
-    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def find_checkpoint(output_dir: str | Path, which: str = "latest") -> Path:
-    """The newest complete checkpoint of a run (``which='latest'``), the best one kept by
-    the evaluations during training (``'best'``), or the directory given."""
+def find_checkpoint(output_dir: str | Path, which: str = "latest", *, training_state: bool = False,
+                    report: Callable[[str], None] = _stderr) -> Path:
+    """The newest complete checkpoint of a run (``which='latest'``; damaged newer ones are
+    passed over and ``report``-ed), the best one kept by the evaluations during training
+    (``'best'``), or the directory given, checked (``training_state``: that it also holds what
+    a resume loads)."""
     if which == BEST:
         best = Path(output_dir) / CHECKPOINTS / BEST
         if not (best / STUDENT).is_dir():
             raise FileNotFoundError(f"no best checkpoint at {best.resolve()} (it is kept when eval.every > 0)")
-        return best
+        which = str(best)
     if which != "latest":
         path = Path(which)
-        if not (path / STUDENT).is_dir():
-            raise FileNotFoundError(f"{path.resolve()} is not a distill checkpoint (no {STUDENT}/ inside)")
+        found = checkpoints.problems(path, training_state=training_state)
+        if found:
+            raise FileNotFoundError(f"{path.resolve()}: {'; '.join(found)}")
         return path
-    found = _checkpoints(output_dir)
-    if not found:
+    newest, skipped = checkpoints.newest_complete(output_dir)
+    for line in describe_skipped(skipped):
+        report(line)
+    if newest is None:
         root = Path(output_dir) / CHECKPOINTS
-        raise FileNotFoundError(f"no checkpoint in {root.resolve()} (looked for {CHECKPOINT_PREFIX}<step>/ directories)")
-    return found[-1]
+        passed = f" ({len(skipped)} damaged, passed over)" if skipped else ""
+        raise FileNotFoundError(f"no complete checkpoint in {root.resolve()}{passed} "
+                                f"(looked for {CHECKPOINT_PREFIX}<step>/ directories)")
+    return newest
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
     """Remove all but the newest ``keep`` checkpoints."""
-    for old in _checkpoints(output_dir)[:-keep]:
+    for old in listed_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old)
 
 
@@ -112,7 +121,9 @@ def samples_path(output_dir: str | Path, step: int) -> Path:
 
 
 def write_checkpoint_info(checkpoint: Path, *, step: int, timesteps: list, teacher: str) -> None:
-    (checkpoint / CHECKPOINT_INFO).write_text(json.dumps({"step": step, "timesteps": timesteps, "teacher": teacher}))
+    """distill.json, written last: with the size of every file the checkpoint holds by then."""
+    info = {"step": step, "timesteps": timesteps, "teacher": teacher, "files": file_sizes(checkpoint)}
+    (checkpoint / CHECKPOINT_INFO).write_text(json.dumps(info))
 
 
 # ------------------------------------------------------------------------------ logs
@@ -122,18 +133,49 @@ def append_row(path: str | Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def forget_steps_after(output_dir: str | Path, step: int) -> None:
-    """A resumed run at ``step``: drop what the lost steps logged, and a best checkpoint
-    chosen among them (the resumed run chooses again)."""
+def _read_lines(path: Path, report: Callable[[str], None]) -> list[tuple[str, dict]]:
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append((line, json.loads(line)))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                report(f"{path}: dropped its last line, cut off mid-write ({err.msg}): {line[:60]!r}")
+                break
+            raise ValueError(f"{path}: line {number} is not JSON ({err}); only a last line cut off by a kill "
+                             "is dropped on its own") from None
+    return rows
+
+
+def read_rows(path: str | Path, report: Callable[[str], None] = _stderr) -> list[dict]:
+    """The rows of a JSON-lines log. A torn last line (the run was killed while writing it) is
+    dropped and ``report``-ed; a bad line before the last is an error naming file and line."""
+    return [row for _, row in _read_lines(Path(path), report)]
+
+
+def forget_steps_after(output_dir: str | Path, step: int, report: Callable[[str], None] = _stderr) -> None:
+    """A resumed run at ``step``: drop what the lost steps logged (logs rewritten atomically),
+    a best checkpoint chosen among them (the resumed run chooses again), and set aside newer
+    checkpoints (damaged ones the resume passed over, or later ones when it resumed from an
+    earlier checkpoint) as ``.set-aside-step-N``, so that pruning never keeps them in place of
+    the ones the resumed run writes."""
     output_dir = Path(output_dir)
     for log in (LOSSES, SCORES):
         path = output_dir / log
         if path.is_file():
-            rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            path.write_text("".join(row + "\n" for row in rows))
+            kept = [line for line, row in _read_lines(path, report) if row["step"] <= step]
+            with atomic_file(path) as partial:
+                partial.write_text("".join(line + "\n" for line in kept))
     best = best_scores(output_dir)
     if best is not None and best["step"] > step:
         shutil.rmtree(output_dir / CHECKPOINTS / BEST)
+    for checkpoint in listed_checkpoints(output_dir):
+        if checkpoints.checkpoint_step(checkpoint) > step:
+            aside = checkpoint.with_name(SET_ASIDE_PREFIX + checkpoint.name)
+            shutil.rmtree(aside, ignore_errors=True)
+            checkpoint.rename(aside)
+            report(f"set {checkpoint.name} aside as {aside}")
 
 
 # ------------------------------------------------------------------------------ scores

@@ -15,13 +15,22 @@ from typing import Any, Optional
 from distill.errors import SettingError
 
 
-def setting(default: Any, help: str) -> Any:
-    """A dataclass field with ``default`` (copied per instance when mutable) and its help."""
+def setting(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with ``default`` (copied per instance when mutable) and its help.
+
+    ``checks`` declare what ``distill.config.fields`` checks of every such field, before any
+    weights load: ``minimum`` / ``maximum`` (a range), ``at_most`` (a function of the whole
+    config giving ``(bound, what it is)`` or None where it is not known before loading),
+    ``path`` (the kind of file or directory the value names, see ``distill.config.paths``),
+    ``used`` (a function of the field's section: whether the path is read at all, e.g. a
+    DINOv2 only when a dinov2 backbone is chosen) and ``revision`` (the sibling field holding
+    the path's hub revision)."""
+    metadata = {"help": help, **checks}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
     if dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def fail(key: str, message: str) -> None:
@@ -42,21 +51,20 @@ def check_not_negative(values: dict[str, float]) -> None:
 
 
 def local_or_hub(path: str) -> Path | None:
-    """The local directory `path` names, or None when it reads as a hub id (org/name)."""
+    """The local path `path` names, or None when it reads as a hub id (org/name).
+
+    Local: anything that exists, and whatever does not read as ``org/name``: relative with no
+    or several ``/``, ``./``, ``../``, absolute, ``~``, a file name (``.txt``, ...), or an
+    ``org/name`` whose ``org`` is a local directory (``models/digits-teachr``: a misspelt
+    local model, not a hub id)."""
     p = Path(path).expanduser()
     if p.exists():
         return p
     # org/name; a dot in the name is fine (stable-diffusion-xl-base-1.0), a file extension is not
     file_like = p.suffix.lower() in (".txt", ".yaml", ".yml", ".json", ".jsonl", ".csv", ".parquet", ".safetensors", ".bin")
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not file_like
+    looks_like_hub_id = (path.count("/") == 1 and not path.startswith((".", "/", "~")) and not file_like
+                         and not p.parent.is_dir())
     return None if looks_like_hub_id else p
-
-
-def check_model_dir(key: str, path: str, what: str) -> None:
-    """A local ``path`` (not a hub id) must be a model directory with a config.json."""
-    local = local_or_hub(path)
-    if local is not None and not (local / "config.json").is_file():
-        fail(key, f"{local.resolve()} has no config.json (give a {what} directory or a hub id)")
 
 
 @dataclass

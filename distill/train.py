@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 
 from distill import config as config_lib
-from distill.errors import NonFiniteError
+from distill.config.device import check_device
+from distill.errors import user_errors
 from distill.runs import check_new_run
 
 
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     config = config_lib.load(argv[0], argv[1:])  # every recipe error surfaces here, before any weights load
     check_new_run(config, argv[0])
+    check_device(config, argv[0])
     from distill.trainer import DistillTrainer
 
     trainer = DistillTrainer(config)
@@ -32,5 +34,5 @@ def main(argv: list[str] | None = None) -> dict | None:
 if __name__ == "__main__":
     try:
         main()
-    except (config_lib.ConfigError, NonFiniteError) as err:
+    except user_errors() as err:
         sys.exit(f"distill: {err}")

@@ -283,20 +283,22 @@ class DistillTrainer:
             accelerator.save_state(str(staging))
             if main:
                 save_student(self.eval_student(), staging / runs.STUDENT)
+            accelerator.wait_for_everyone()
+            if main:  # last, listing the size of every process's files
                 runs.write_checkpoint_info(staging, step=self.state.step, timesteps=self.sampler.timesteps,
                                            teacher=self.config.teacher.path)
-            accelerator.wait_for_everyone()
         if main:
             runs.prune_checkpoints(self.output_dir, self.config.train.keep_checkpoints)
         accelerator.wait_for_everyone()
         return final
 
     def _resume(self, which: str) -> None:
-        checkpoint = runs.find_checkpoint(self.output_dir, which)
+        report = self.accelerator.print
+        checkpoint = runs.find_checkpoint(self.output_dir, which, training_state=True, report=report)
         self.accelerator.load_state(str(checkpoint))
         self.accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
         if self.accelerator.is_main_process:
-            runs.forget_steps_after(self.output_dir, self.state.step)
+            runs.forget_steps_after(self.output_dir, self.state.step, report=report)
 
     # ---------------------------------------------------------------------- samples and scores
     def _draw(self, student: torch.nn.Module, num: int, seed: int,

@@ -278,6 +278,74 @@ def latent_recipe_overrides(recipe: str, teacher: Path, data: Path, output_dir: 
     return tiny_overrides(teacher, None, output_dir, **values)
 
 
+def fake_checkpoint(run: Path, step: int) -> Path:
+    """A complete checkpoint of ``run`` at ``step`` as the trainer lays one out, with tiny
+    tensors (for the checks that read checkpoints, without training)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from distill import checkpoints, runs
+
+    path = checkpoints.checkpoint_path(run, step)
+    (path / "student").mkdir(parents=True)
+    save_file({"w": torch.zeros(4)}, path / "model.safetensors")
+    save_file({"w": torch.zeros(4)}, path / "student" / "diffusion_pytorch_model.safetensors")
+    (path / "student" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    torch.save({"step": step}, path / "custom_checkpoint_0.pkl")
+    runs.write_checkpoint_info(path, step=step, timesteps=[500], teacher="teacher")
+    return path
+
+
+def cache_hub_repo(cache: Path, repo_id: str, files: dict[str, str], repo_type: str = "model") -> Path:
+    """Lay out ``files`` (name -> text) as huggingface_hub's cache holds a downloaded repo."""
+    folder = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    for name, text in files.items():
+        file = folder / "snapshots" / commit / name
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(text)
+    return folder
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty local Hugging Face cache in place of the machine's (what an offline check reads)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def shipped_hub_models(hub_cache) -> Path:
+    """Every hub model the shipped recipes and the schema's defaults name, as if downloaded once
+    (their config files only: what the offline checks look for)."""
+    import dataclasses
+
+    import yaml
+
+    from distill.config import Config, local_or_hub
+
+    def strings(tree):
+        if isinstance(tree, dict):
+            return [s for v in tree.values() for s in strings(v)]
+        if isinstance(tree, list):
+            return [s for v in tree for s in strings(v)]
+        return [tree] if isinstance(tree, str) else []
+
+    values = strings(dataclasses.asdict(Config()))
+    for recipe in (REPO / "recipes").glob("*.yaml"):
+        values += strings(yaml.safe_load(recipe.read_text()))
+    for repo_id in {v for v in values if "/" in v and local_or_hub(v) is None}:
+        cache_hub_repo(hub_cache, repo_id, {"model_index.json": "{}", "config.json": "{}"})
+    return hub_cache
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """torch on one thread for a module's tests (tiny models, where threads add overhead)."""

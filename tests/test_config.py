@@ -88,14 +88,19 @@ def test_eval_classifier_null_is_accepted(tiny_teacher, tmp_path):
         ({"features": [], "kid_subsets": 0}, "eval.kid_subsets", "must be positive"),
     ],
 )
-def test_eval_settings_are_checked_before_weights_load(tiny_teacher, tmp_path, eval_section, key, message):
+def test_eval_settings_are_checked_before_weights_load(tiny_teacher, tmp_path, eval_section, key, message, shipped_hub_models):
     error = load_error(write_recipe(tmp_path, {"eval": {"classifier": None, **eval_section}}, tiny_teacher))
     assert f"{key}:" in error and re.search(message, error), error
 
 
-def test_distill_eval_settings_accept_only_eval_and_data_keys():
+def test_distill_eval_settings_accept_only_eval_and_data_keys(hub_cache):
+    from conftest import cache_hub_repo
+
     with pytest.raises(ConfigError, match=r"distill eval x: train.max_steps: only eval\.\* and data\.\* settings apply"):
         config_lib.load_eval(["train.max_steps=3"], source="distill eval x")
+    with pytest.raises(ConfigError, match=r"x: eval.dinov2: 'org/name' .* not in the local cache .*looked in .*models--org--name"):
+        config_lib.load_eval(["eval.features=[dinov2]", "eval.dinov2=org/name"], source="x")
+    cache_hub_repo(hub_cache, "org/name", {"config.json": "{}"})
     assert config_lib.load_eval(["eval.features=[dinov2]", "eval.dinov2=org/name"], source="x").eval.features == ["dinov2"]
 
 
@@ -195,11 +200,15 @@ def test_missing_resume_names_resolved_path(tiny_teacher, tmp_path):
     assert "resume" in message and "/no/such/ckpt" in message
 
 
-def test_resume_latest_and_existing_dir_accepted(tiny_teacher, tmp_path):
-    assert config_lib.load(write_recipe(tmp_path, {"resume": "latest"}, tiny_teacher)).resume == "latest"
-    (tmp_path / "ckpt").mkdir()
-    config = config_lib.load(write_recipe(tmp_path, {"resume": str(tmp_path / "ckpt")}, tiny_teacher, "r.yaml"))
-    assert config.resume == str(tmp_path / "ckpt")
+def test_resume_latest_and_a_checkpoint_dir_accepted(tiny_teacher, tmp_path):
+    from conftest import fake_checkpoint
+
+    run = tmp_path / "run"
+    checkpoint = fake_checkpoint(run, 2)
+    recipe = {"resume": "latest", "output_dir": str(run)}
+    assert config_lib.load(write_recipe(tmp_path, recipe, tiny_teacher)).resume == "latest"
+    config = config_lib.load(write_recipe(tmp_path, {"resume": str(checkpoint)}, tiny_teacher, "r.yaml"))
+    assert config.resume == str(checkpoint)
 
 
 def test_missing_recipe_file(tmp_path):
@@ -220,9 +229,10 @@ def test_recipe_that_is_not_yaml(tmp_path):
     assert str(path) in message and "YAML" in message
 
 
-def test_empty_recipe_is_all_defaults(tiny, tmp_path):
+def test_empty_recipe_is_an_error(tiny, tmp_path):
     path = write_recipe(tmp_path, "# only a comment\n")
-    assert config_lib.load(path, tiny) == config_lib.load(None, tiny)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: the recipe is empty"):
+        config_lib.load(path, tiny)
 
 
 # --- overrides ----------------------------------------------------------------------------
@@ -312,7 +322,10 @@ def test_nested_defaults_merge(tiny_teacher, tmp_path):
 
 
 def test_dump_then_load_round_trips(tiny, tmp_path):
-    config = config_lib.load(None, [
+    from conftest import fake_checkpoint
+
+    fake_checkpoint(tmp_path / "run", 1)
+    config = config_lib.load(None, [f"output_dir={tmp_path / 'run'}",
         *tiny, "student.timesteps=[999,749,499,249]", "method.gan.weight=0.1", "method.gan.r1.kind=exact",
         "optim.critic.betas=[0.5,0.9]", "train.max_minutes=7.5", "optim.student.lr=3e-5", "resume=latest",
     ])
@@ -331,7 +344,7 @@ def test_describe_covers_every_leaf_key():
     assert rows["student.timesteps"][1] == [500]
     assert all(help for help, _ in rows.values())
     assert "teacher" not in rows  # sections are not leaves
-    assert len(rows) == 72  # with the default method's (dmd2) section; each method's own: describe_methods
+    assert len(rows) == 74  # with the default method's (dmd2) section; each method's own: describe_methods
     methods = {name: {key: default for key, _, default in rows} for name, rows in config_lib.describe_methods().items()}
     assert list(methods) == ["dmd2", "add", "ladd"]
     assert methods["add"]["method.distill_weight"] == 2.5 and methods["ladd"]["method.distill_weight"] == 0.0
@@ -427,7 +440,7 @@ def test_cli_validate_bad_key(tiny, capsys):
     with pytest.raises(SystemExit) as excinfo:
         main(["validate", str(RECIPES[0]), *tiny, "method.dmd_wieght=1"])
     assert "method.dmd_wieght" in str(excinfo.value)
-    assert str(excinfo.value).startswith("distill validate:")
+    assert str(excinfo.value).startswith(f"distill: {RECIPES[0]}: method.dmd_wieght: unknown key")
     assert "ok" not in capsys.readouterr().out
 
 
@@ -467,7 +480,7 @@ def test_bare_no_in_yaml_reads_as_the_literal_no(tmp_path, tiny):
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_every_shipped_recipe_validates(recipe, tiny, tmp_path):
+def test_every_shipped_recipe_validates(recipe, tiny, tmp_path, shipped_hub_models):
     """Digits recipes on the tiny models; the others as shipped (hub teachers), given a data path."""
     raw = yaml.safe_load(recipe.read_text())
     overrides = list(tiny) if recipe.name.startswith("digits-") else []

@@ -123,13 +123,13 @@ def test_class_label_dataset_errors():
     (["eval.features=[dinov2]"], "eval.features", "classes have no reference images"),
     (["eval.clip=openai/clip-vit-large-patch14"], "eval.clip", "class labels have none"),
 ])
-def test_classes_config_validation(overrides, key, message):
+def test_classes_config_validation(overrides, key, message, shipped_hub_models):
     config_lib.load(RECIPES["dit256-dmd2-1step"])  # the shipped recipe itself is valid
     with pytest.raises(ConfigError, match=rf"{key}: .*{message}"):
         config_lib.load(RECIPES["dit256-dmd2-1step"], overrides)
 
 
-def test_classes_have_no_real_images_for_ladd():
+def test_classes_have_no_real_images_for_ladd(shipped_hub_models):
     with pytest.raises(ConfigError, match=r"data.dataset: classes have no real images, but method ladd"):
         config_lib.load(RECIPES["sd3-ladd-4step"], ["data.dataset=classes", "eval.clip=null"])
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from pathlib import Path
 
 from distill.config.schema import Config, EvalConfig
 from distill.errors import ConfigError, SettingError
-from distill.sections import check_model_dir, check_not_negative, check_positive, fail, local_or_hub
+from distill.sections import check_not_negative, check_positive, fail, local_or_hub
 
 
 @contextmanager
@@ -80,16 +79,10 @@ def _check(config: Config) -> None:
     s.lora.check("student.lora")
     _check_data(config)
 
-    local = local_or_hub(config.teacher.path)
-    if local is not None and not (local / "model_index.json").is_file():
-        where = "does not exist" if not local.exists() else "has no model_index.json"
-        fail("teacher.path", f"{local.resolve()} {where} (give a diffusers pipeline directory or a hub id)")
     scheduler = teacher_scheduler_config(config.teacher.path, config.teacher.revision)
     if scheduler is not None:
         _check_timesteps(config, scheduler)
     check_eval(config.eval)
-    if config.resume not in (None, "latest") and not Path(config.resume).is_dir():
-        fail("resume", f"checkpoint directory {Path(config.resume).resolve()} does not exist")
 
 
 def _check_timesteps(config: Config, scheduler: dict) -> None:
@@ -129,9 +122,6 @@ def _check_data(config: Config) -> None:
     elif d.path is None:
         fail("data.path", f"the {d.dataset} dataset needs a path: a local file or directory, or an HF datasets hub "
              "id (on the command line: data.path=...)")
-    local = local_or_hub(d.path) if d.path is not None else None
-    if local is not None and not local.exists():
-        fail("data.path", f"{local.resolve()} does not exist")
     needs_images = config.method.needs_real_images(num_steps=len(s.timesteps), backward_simulation=s.backward_simulation)
     if d.dataset in ("prompts", "classes") and needs_images:
         fix = "use image_captions" if d.dataset == "prompts" else "no class-labelled image dataset is supported yet"
@@ -165,9 +155,3 @@ def check_eval(e: EvalConfig) -> None:
     for name in ("num_samples", "every_num_samples"):
         if e.features and getattr(e, name) <= e.nearest_k:
             fail(f"eval.{name}", f"precision/recall with eval.nearest_k={e.nearest_k} need more samples")
-    if "dinov2" in e.features:
-        check_model_dir("eval.dinov2", e.dinov2, "DINOv2")
-    if e.clip is not None:
-        check_model_dir("eval.clip", e.clip, "CLIP")
-    if e.classifier is not None:
-        check_model_dir("eval.classifier", e.classifier, "classifier")

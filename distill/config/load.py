@@ -1,8 +1,9 @@
 """Reading recipes: YAML, ``section.key=value`` overrides, key and type checks.
 
-``load(recipe, overrides)`` reads a YAML recipe, applies overrides, checks every key and
-type (``_build``), then the combinations and files (``distill.config.checks``), and returns
-a ``Config``; every problem is a ``ConfigError`` that names the key and the recipe file,
+``load(recipe, overrides)`` reads a YAML recipe (UTF-8, no key twice, not empty), applies
+overrides, checks every key and type (``_build``), then what each field declares beside
+itself (ranges, the files it names: ``distill.config.fields``), then the combinations
+(``distill.config.checks``), and returns a ``Config``; every problem is a ``ConfigError`` that names the key and the recipe file,
 raised before any weights load. A recipe in the shape before the method registry gets a
 message that says how to write it now (``distill.config.moved``).
 """
@@ -21,6 +22,7 @@ import yaml
 
 from distill.config import moved
 from distill.config.checks import check_eval, keyed_errors, validate
+from distill.config.fields import check_fields
 from distill.config.schema import Config
 from distill.errors import ConfigError
 from distill.methods import METHODS
@@ -151,8 +153,47 @@ def load_eval(overrides: list[str], source: str) -> Config:
         _set_override(data, key, yaml.safe_load(raw) if raw.strip() else None, source)
     config = _build(Config(), data, "", source)
     with keyed_errors(source):
+        check_fields(config.eval, "eval.", config)
+        check_fields(config.data, "data.", config)
         check_eval(config.eval)
     return config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping (two ``train:``
+    sections) is an error rather than the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (first on line {seen[key] + 1}, again on line "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_recipe(path: Path, source: str) -> dict:
+    """A recipe file's mapping: UTF-8 YAML, no key twice, not empty."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{source}: not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); save the recipe "
+                          "as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    if data is None:
+        raise ConfigError(f"{source}: the recipe is empty (nothing but comments or blank lines); a recipe sets at least "
+                          "teacher.path and output_dir (`distill validate --keys` lists every key)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a recipe is a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 def load(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
@@ -164,12 +205,7 @@ def load(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
         path = Path(recipe)
         if not path.is_file():
             raise ConfigError(f"{source}: recipe file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: a recipe is a mapping of sections, got {type(data).__name__}")
+        data = read_recipe(path, source)
         moved.check_recipe(data, source)
     for item in overrides:
         if "=" not in item:
@@ -178,6 +214,8 @@ def load(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
         moved.check_override(key.strip(), source)
         _set_override(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None, source)
     config = from_dict(data, source)
+    with keyed_errors(source):
+        check_fields(config)  # ranges beside their fields, and every file the recipe names
     validate(config, source)
     return config
 

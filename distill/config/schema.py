@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from distill.config.fields import dataset_size
 from distill.methods import DEFAULT_METHOD, METHODS, MethodConfig
 from distill.sections import LoraConfig, setting
 
@@ -19,6 +20,7 @@ class TeacherConfig:
     path: str = setting(
         "models/digits-teacher",
         "diffusers checkpoint of the teacher: a hub id or a local pipeline directory (model_index.json)",
+        path="pipeline", revision="revision",
     )
     revision: Optional[str] = setting(None, "hub revision (branch, tag or commit) of `path`")
     guidance_scale: float = setting(1.0, "classifier-free guidance scale of the real score (1 = no guidance)")
@@ -53,7 +55,8 @@ class DataConfig:
     )
     path: Optional[str] = setting(
         None, "prompts: a .txt file (one prompt per line) or an HF datasets directory / hub id; image_captions: an "
-        "imagefolder directory (metadata.jsonl captions), a parquet file or directory, or an HF datasets hub id"
+        "imagefolder directory (metadata.jsonl captions), a parquet file or directory, or an HF datasets hub id",
+        path="data", used=lambda d: d.dataset in ("prompts", "image_captions"),
     )
     split: str = setting("train", "split of an HF dataset")
     prompt_column: str = setting("text", "column holding the prompt / caption")
@@ -63,9 +66,9 @@ class DataConfig:
     )
     cache_dir: Optional[str] = setting(
         None, "opt-in cache of VAE latents and text embeddings on disk (keyed by data and teacher), so long runs "
-        "encode once; null = encode every batch"
+        "encode once; null = encode every batch", path="output",
     )
-    batch_size: int = setting(64, "samples per process per micro-batch")
+    batch_size: int = setting(64, "samples per process per micro-batch", at_most=dataset_size)
 
 
 @dataclass
@@ -110,12 +113,13 @@ class EvalConfig:
     )
     classifier: Optional[str] = setting(
         "models/digits-classifier",
-        "classifier (hub id or local dir) for the classifier feature space and class accuracy (null: none)",
+        "classifier (hub id or local dir) for the classifier feature space and class accuracy (null: none)", path="model",
     )
-    dinov2: str = setting("facebook/dinov2-large", "DINOv2 checkpoint (hub id or local dir) for the dinov2 feature space")
+    dinov2: str = setting("facebook/dinov2-large", "DINOv2 checkpoint (hub id or local dir) for the dinov2 feature space",
+                          path="model", used=lambda e: "dinov2" in e.features)
     clip: Optional[str] = setting(
         None, "CLIP model (hub id or local dir, e.g. openai/clip-vit-large-patch14) for the CLIP score of text-conditioned "
-        "samples against their prompts (null: no CLIP score)"
+        "samples against their prompts (null: no CLIP score)", path="model",
     )
     num_samples: int = setting(2000, "samples drawn for the final scores (metrics.json)")
     every: int = setting(
@@ -125,7 +129,8 @@ class EvalConfig:
     nearest_k: int = setting(3, "k of the k-nearest-neighbour manifolds of precision and recall (Kynkäänniemi et al. 2019)")
     kid_subsets: int = setting(100, "random subsets averaged by KID")
     kid_subset_size: int = setting(1000, "samples per KID subset (capped at the smaller set's size)")
-    cache_dir: str = setting("~/.cache/distill/reference", "where reference-set features are cached, keyed by dataset and extractor")
+    cache_dir: str = setting("~/.cache/distill/reference", "where reference-set features are cached, keyed by dataset and extractor",
+                             path="output")
     batch_size: int = setting(500, "generation and feature-extraction batch for scoring")
 
 
@@ -139,10 +144,11 @@ class OptimConfig:
 
 @dataclass
 class Config:
-    output_dir: str = setting("runs/digits-dmd2-1step", "run directory: checkpoints, logs, samples, scores")
-    seed: int = setting(0, "seed of every random draw of the run")
+    output_dir: str = setting("runs/digits-dmd2-1step", "run directory: checkpoints, logs, samples, scores", path="output")
+    seed: int = setting(0, "seed of every random draw of the run", minimum=0, maximum=2**32 - 1)
     resume: Optional[str] = setting(
-        None, "continue a run: 'latest' (newest checkpoint in output_dir) or a checkpoint directory"
+        None, "continue a run: 'latest' (newest complete checkpoint in output_dir; damaged newer ones are passed over) "
+        "or a checkpoint directory", path="checkpoint",
     )
     teacher: TeacherConfig = setting(TeacherConfig(), "the pretrained model to distill")
     student: StudentConfig = setting(StudentConfig(), "the few-step generator")

@@ -10,6 +10,7 @@ from torch import Tensor
 
 DIGITS_NUM_CLASSES = 10
 DIGITS_HOLDOUT = 360  # images held out of 1,797, chosen once by a fixed permutation
+DIGITS_TRAIN_SIZE = 1797 - DIGITS_HOLDOUT  # the training split: 1,437 images
 _DIGITS_SPLIT_SEED = 0
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Optional, Protocol
 
-from distill.sections import check_model_dir, check_not_negative, check_positive, fail, setting
+from distill.sections import check_not_negative, check_positive, fail, setting
 
 if TYPE_CHECKING:
     import torch
@@ -111,7 +111,8 @@ class DiscriminatorConfig:
         "features the GAN heads read: fake_score (DMD2's fake-score bottleneck), dinov2 (a frozen DINOv2 on decoded "
         "samples, ADD) or teacher (the frozen teacher's denoiser features on noised samples, LADD)",
     )
-    dinov2: str = setting("facebook/dinov2-small", "DINOv2 checkpoint (hub id or local dir) of the dinov2 backbone")
+    dinov2: str = setting("facebook/dinov2-small", "DINOv2 checkpoint (hub id or local dir) of the dinov2 backbone",
+                          path="model", used=lambda d: d.backbone == "dinov2")
     layers: list[int] = setting(
         [], "backbone layers the heads read (dinov2: hidden-state indices, [] = 4 evenly spaced; teacher: feature "
         "module indices, [] = all)"
@@ -121,8 +122,6 @@ class DiscriminatorConfig:
 
     def check(self) -> None:
         check_positive({"method.gan.discriminator.head_width": self.head_width})
-        if self.backbone == "dinov2":
-            check_model_dir("method.gan.discriminator.dinov2", self.dinov2, "DINOv2")
 
 
 @dataclass

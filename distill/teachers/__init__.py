@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub import hf_hub_download
 
 from distill.teachers.base import COND_PREFIX, Teacher, cached_condition
 from distill.teachers.pixel_unet import PixelUNetTeacher
@@ -14,7 +17,7 @@ from distill.teachers.sd3 import StableDiffusion3Teacher
 from distill.teachers.transformer import DiTTeacher, PixArtTeacher
 
 __all__ = ["COND_PREFIX", "DiTTeacher", "PixArtTeacher", "Teacher", "PixelUNetTeacher", "StableDiffusion3Teacher", "StableDiffusionTeacher", "StableDiffusionXLTeacher", "cached_condition",
-           "load_teacher", "teacher_from_pipeline"]
+           "class_count", "load_teacher", "teacher_from_pipeline"]
 
 
 def load_teacher(path: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
@@ -31,6 +34,32 @@ def load_teacher(path: str, revision: str | None = None, dtype: torch.dtype = to
             f"(a local pipeline directory or a hub id; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {err}"
         ) from err
     return _adapter_class(index, path).from_pretrained(path, revision=revision, dtype=dtype, image_size=image_size)
+
+
+def class_count(path: str, revision: str | None = None) -> int | None:
+    """The teacher's number of classes from its config files alone (no weights), as its
+    adapter reads them (``num_classes_in``); None for a teacher without classes, or whose
+    configs cannot be read here (the load then says why)."""
+    try:
+        index = DiffusionPipeline.load_config(path, revision=revision)
+        adapter = _adapter_class(index, path)
+    except Exception:
+        return None
+    if not hasattr(adapter, "num_classes_in"):
+        return None
+    configs = {}
+    for name in [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)]:
+        try:
+            local = Path(path).expanduser() / name / "config.json"
+            file = local if local.parent.parent.is_dir() else hf_hub_download(path, "config.json", subfolder=name,
+                                                                               revision=revision)
+            configs[name] = json.loads(Path(file).read_text())
+        except Exception:  # tokenizers and schedulers have no config.json
+            continue
+    try:
+        return adapter.num_classes_in(configs)
+    except KeyError:
+        return None
 
 
 def teacher_from_pipeline(pipe: DiffusionPipeline, image_size: int | None = None) -> Teacher:

@@ -21,7 +21,7 @@ class PixelUNetTeacher:
         self.schedule = schedule_from_config(self.scheduler_config)
         self.prediction_type = self.schedule.prediction_type
         num_embeds = unet.config.num_class_embeds
-        self.num_classes = num_embeds - 1 if num_embeds else None
+        self.num_classes = self.num_classes_in({"unet": unet.config})
         self.null_class = num_embeds - 1 if num_embeds else None
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
@@ -32,6 +32,12 @@ class PixelUNetTeacher:
         self.head_condition_dim = None
         # classifier-free guidance with the null class; DDPMPipeline has no guidance, so no order to follow
         self.guidance, self.null_first = ("cfg" if self.num_classes else None), False
+
+    @staticmethod
+    def num_classes_in(configs: dict) -> int | None:
+        """The real classes (the last class embedding is the null class), from the unet's config."""
+        num_embeds = configs["unet"].get("num_class_embeds")
+        return num_embeds - 1 if num_embeds else None
 
     def to(self, device) -> "PixelUNetTeacher":
         self.denoiser.to(device)

@@ -139,7 +139,7 @@ class DiTTeacher(_LatentTransformerTeacher):
         if transformer.config.get("norm_type") != "ada_norm_zero" or not transformer.config.get("num_embeds_ada_norm"):
             raise ValueError("a DiT transformer has norm_type 'ada_norm_zero' and num_embeds_ada_norm classes")
         super().__init__(transformer=transformer, vae=vae, scheduler_config=scheduler_config, image_size=image_size)
-        self.num_classes = transformer.config.num_embeds_ada_norm
+        self.num_classes = self.num_classes_in({"transformer": transformer.config})
         self.null_class = self.num_classes  # LabelEmbedding's extra (guidance) row
         for module in transformer.modules():
             if isinstance(module, diffusers.models.embeddings.LabelEmbedding):
@@ -147,6 +147,11 @@ class DiTTeacher(_LatentTransformerTeacher):
                     raise ValueError("the DiT's label embedding has no null class row: guidance is impossible")
                 module.dropout_prob = 0.0  # table size is already fixed; this only stops train-mode label dropout
         self.head_condition_dim = None
+
+    @staticmethod
+    def num_classes_in(configs: dict) -> int | None:
+        """The real classes, ``num_embeds_ada_norm`` of the transformer's config."""
+        return configs["transformer"].get("num_embeds_ada_norm")
 
     @classmethod
     def from_pipeline(cls, pipe, image_size: int | None = None) -> "DiTTeacher":
