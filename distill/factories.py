@@ -24,7 +24,8 @@ def scorer_from_config(e: EvalConfig, dataset: str, device, reference=None) -> S
 def dataset_from_config(d: DataConfig, *, resolution: int, num_classes: int | None = None):
     """The dataset a recipe's ``data`` section names (images at ``resolution``)."""
     return make_dataset(dataset=d.dataset, path=d.path, split=d.split, prompt_column=d.prompt_column,
-                        image_column=d.image_column, resolution=resolution, num_classes=num_classes)
+                        image_column=d.image_column, resolution=resolution, num_classes=num_classes,
+                        on_bad_item=d.on_bad_item, min_image_size=d.min_image_size)
 
 
 def eval_reference(dataset, e: EvalConfig) -> tuple[str, torch.Tensor] | None:

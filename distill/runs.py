@@ -10,6 +10,8 @@ Run directory::
     checkpoints/best/     student/ with the best score seen by the evaluations during
                           training, and scores.json (its step and scores)
     scores.jsonl          one line of scores per evaluation during training (eval.every)
+    scores.png            FD (and recall) against step, drawn from scores.jsonl
+    data_report.json      the bad items data.on_bad_item=skip left out, each with why
     metrics.json          final scores
 
 Checkpoints and ``best`` are written to a ``.partial-`` directory and renamed
@@ -39,10 +41,11 @@ from distill.errors import ConfigError
 
 CONFIG, LOSSES, SCORES, METRICS = "config.yaml", "losses.jsonl", "scores.jsonl", "metrics.json"
 BEST_SCORES = "scores.json"  # inside checkpoints/best: its step and scores
-__all__ = ["BEST", "BEST_SCORES", "CHECKPOINTS", "CHECKPOINT_INFO", "CHECKPOINT_PREFIX", "CONFIG", "LOSSES", "METRICS",
+DATA_REPORT = "data_report.json"  # the bad items data.on_bad_item=skip left out
+__all__ = ["BEST", "BEST_SCORES", "CHECKPOINTS", "CHECKPOINT_INFO", "CHECKPOINT_PREFIX", "CONFIG", "DATA_REPORT", "LOSSES", "METRICS",
            "Run", "SCORES", "STUDENT", "append_row", "best_scores", "check_new_run", "checkpoint_path", "find_checkpoint",
            "forget_steps_after", "is_run", "keep_if_best", "load_run", "prune_checkpoints", "read_metrics", "read_rows",
-           "samples_path", "write_checkpoint_info", "write_metrics"]
+           "report_skipped", "samples_path", "write_checkpoint_info", "write_metrics"]
 
 
 def _stderr(message: str) -> None:
@@ -176,6 +179,27 @@ def forget_steps_after(output_dir: str | Path, step: int, report: Callable[[str]
             shutil.rmtree(aside, ignore_errors=True)
             checkpoint.rename(aside)
             report(f"set {checkpoint.name} aside as {aside}")
+
+
+def report_skipped(output_dir: str | Path, dataset, *, report: Callable[[str], None] = _stderr,
+                   main: bool = True) -> int | None:
+    """The bad items a dataset left out (``data.on_bad_item: skip``): said, and written to
+    ``data_report.json`` (each row and why; main process). Returns how many, or None for a
+    dataset that skips nothing by design."""
+    skipped = getattr(dataset, "skipped", None)
+    if skipped is None or getattr(dataset, "on_bad_item", "skip") != "skip":
+        return None
+    if main:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        data = {"source": getattr(dataset, "path", None), "kept": len(dataset), "skipped": len(skipped),
+                "rows": [{"row": row, "why": why} for row, why in sorted(skipped.items())]}
+        with atomic_file(output_dir / DATA_REPORT) as partial:
+            partial.write_text(json.dumps(data, indent=2) + "\n")
+        first = f"; the first: row {min(skipped)}: {skipped[min(skipped)]}" if skipped else ""
+        report(f"data: skipped {len(skipped)} bad item(s) of {len(skipped) + len(dataset)}, see "
+               f"{output_dir / DATA_REPORT}{first}")
+    return len(skipped)
 
 
 # ------------------------------------------------------------------------------ scores

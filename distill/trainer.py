@@ -113,6 +113,8 @@ class DistillTrainer:
         d = self.config.data
         self.raw_dataset = dataset = dataset_from_config(d, resolution=self.teacher.image_size[0],
                                                          num_classes=self.teacher.num_classes)
+        self.skipped_items = runs.report_skipped(self.output_dir, dataset, report=self.accelerator.print,
+                                                 main=self.accelerator.is_main_process)
         if d.cache_dir is not None:
             with self.accelerator.main_process_first():  # the main process encodes; the others find it complete
                 dataset = cached_dataset(dataset, self._encode_for_cache, cache_dir=d.cache_dir,
@@ -255,6 +257,8 @@ class DistillTrainer:
         values = self.accelerator.reduce(values, reduction="mean")
         scalars = {k: float(v) for k, v in zip(keys, values)}
         scalars["lr/student"] = self.lr_s.get_last_lr()[0]
+        if self.skipped_items is not None:  # data.on_bad_item: skip
+            scalars["data/skipped_items"] = float(self.skipped_items)
         if self.lr_c is not None:
             scalars["lr/critic"] = self.lr_c.get_last_lr()[0]
         self.accelerator.log(scalars, step=step)

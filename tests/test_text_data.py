@@ -198,10 +198,11 @@ def test_resize_short_side_then_centre_crop():
     for column in (3, 4):
         assert -1.0 < float(image[0, 4, column]) < 1.0 and -1.0 < float(image[2, 4, column]) < 1.0
     assert float(image[0, 4, 3]) > float(image[0, 4, 4]) and float(image[2, 4, 3]) < float(image[2, 4, 4])
-    # grey and RGBA images come out RGB
+    # grey and RGBA images come out RGB; alpha is composited over white (half-transparent green
+    # is light green), not dropped (which showed whatever colour transparent pixels hid)
     assert preprocess_image(Image.new("L", (5, 5), 255), 5).shape == (3, 5, 5)
     rgba = preprocess_image(Image.new("RGBA", (6, 6), (0, 255, 0, 128)), 3)
-    torch.testing.assert_close(rgba, _colour(GREEN).expand(3, 3, 3), atol=0, rtol=0)
+    torch.testing.assert_close(rgba, _colour((127, 255, 127)).expand(3, 3, 3), atol=0, rtol=0)
 
 
 def test_image_folder_items(image_folder):

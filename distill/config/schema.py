@@ -69,6 +69,15 @@ class DataConfig:
         "encode once; null = encode every batch", path="output",
     )
     batch_size: int = setting(64, "samples per process per micro-batch", at_most=dataset_size)
+    on_bad_item: Literal["error", "skip"] = setting(
+        "error", "image_captions: what an item that cannot be trained on does (an unreadable or truncated image, no "
+        "caption, an image smaller than data.min_image_size): error stops at the first one read, naming it; skip reads "
+        "every item once before training (one decoding pass) and leaves the bad ones out, counted in the log, "
+        "losses.jsonl (data/skipped_items) and the run's data_report.json. Greyscale, 16-bit and RGBA images are "
+        "converted (alpha over white), not bad")
+    min_image_size: Optional[int] = setting(
+        None, "image_captions: the smallest short side of an image taken; smaller ones are bad items (null: the "
+        "training resolution, so nothing is upscaled; 0: take any size, upscaling small ones)", minimum=0)
 
 
 @dataclass

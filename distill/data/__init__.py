@@ -28,12 +28,14 @@ __all__ = ["CLASS_REPEATS", "CachedDataset", "ClassLabelDataset", "DIGITS_HOLDOU
 
 
 def make_dataset(*, dataset: str, path: str | None, split: str, prompt_column: str, image_column: str,
-                 resolution: int | None, num_classes: int | None = None) -> torch.utils.data.Dataset:
+                 resolution: int | None, num_classes: int | None = None, on_bad_item: str = "error",
+                 min_image_size: int | None = None) -> torch.utils.data.Dataset:
     """The training dataset named by ``dataset`` (the config's ``data.*`` values):
     ``digits`` -> DigitsDataset("train"), ``classes`` -> ClassLabelDataset(``num_classes``: the
     caller passes the teacher's), ``prompts`` -> PromptDataset, ``image_captions`` ->
     ImageCaptionDataset (``resolution`` required: the caller passes the teacher's image size
-    when the config leaves it null)."""
+    when the config leaves it null; ``on_bad_item`` / ``min_image_size``: see
+    ``distill.data.items``)."""
     if dataset in ("digits", "classes") and path is not None:
         raise ValueError(f"{dataset} reads no path; got path {path!r}")
     if dataset == "digits":
@@ -51,4 +53,4 @@ def make_dataset(*, dataset: str, path: str | None, split: str, prompt_column: s
     if resolution is None:
         raise ValueError("dataset 'image_captions' needs a resolution (the side of the square training images)")
     return ImageCaptionDataset(path, split=split, image_column=image_column, caption_column=prompt_column,
-                               resolution=resolution)
+                               resolution=resolution, on_bad_item=on_bad_item, min_image_size=min_image_size)

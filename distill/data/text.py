@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distill.data.items import BadItem, bad_item_error, check_caption, check_size, to_rgb
+
 _TABLE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
@@ -136,12 +138,13 @@ def _to_pil(value, base_dir: Path | None):
 def preprocess_image(image, resolution: int) -> Tensor:
     """A PIL image as a training image: float32 ``[3, R, R]`` in [-1, 1], ``R = resolution``.
 
-    RGB; the short side resized to R (bicubic), then the centre R x R crop. Sizes and crop
+    RGB (``distill.data.items.to_rgb``: 16-bit scaled, alpha over white); the short side
+    resized to R (bicubic), then the centre R x R crop. Sizes and crop
     offsets follow torchvision's ``Resize(R)`` + ``CenterCrop(R)``, the preprocessing of the
     diffusers training scripts, so latents match what those pipelines saw."""
     from PIL import Image
 
-    image = image.convert("RGB")
+    image = to_rgb(image)
     width, height = image.size
     if width <= height:
         size = (resolution, int(resolution * height / width))
@@ -153,6 +156,13 @@ def preprocess_image(image, resolution: int) -> Tensor:
     image = image.crop((left, top, left + resolution, top + resolution))
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, R, R] 0..255
     return pixels.float() / 127.5 - 1.0
+
+
+def _caption_or_none(value):
+    """The caption (the first of several), or what stands in its place for ``check_caption``."""
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+        return value[0]
+    return value
 
 
 def _caption(value, path: str, index: int) -> str:
@@ -169,10 +179,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     with ``R = resolution`` (see ``preprocess_image``).
 
     ``path``: an imagefolder directory (images with a metadata.jsonl/csv of captions), parquet
-    file(s) or a directory of them, a ``save_to_disk`` directory, or a hub id."""
+    file(s) or a directory of them, a ``save_to_disk`` directory, or a hub id.
+
+    Bad items (``distill.data.items``): ``on_bad_item="error"`` stops at the first one read;
+    ``"skip"`` reads every item once here and leaves the bad ones out (``skipped``: row ->
+    reason). ``min_image_size``: the smallest short side taken (None: ``resolution``)."""
 
     def __init__(self, path: str, *, split: str = "train", image_column: str = "image", caption_column: str = "text",
-                 resolution: int):
+                 resolution: int, on_bad_item: str = "error", min_image_size: int | None = None):
         if not isinstance(resolution, int) or resolution <= 0:
             raise ValueError(f"resolution must be a positive int, not {resolution!r}")
         self.path, self.split, self.resolution = str(path), split, resolution
@@ -186,6 +200,21 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.table = table.select_columns([image_column, caption_column])  # decode nothing an item does not use
         local = Path(self.path).expanduser()
         self._base_dir = local if local.is_dir() else local.parent if local.is_file() else None
+        self.on_bad_item = on_bad_item
+        self.min_image_size = resolution if min_image_size is None else min_image_size
+        self.skipped: dict[int, str] = {}
+        self._rows = list(range(len(table)))  # item -> row: all of them, less the bad ones when skipping
+        if on_bad_item == "skip":
+            for row in range(len(table)):
+                try:
+                    self._read(row)
+                except BadItem as err:
+                    self.skipped[row] = str(err)
+            self._rows = [row for row in self._rows if row not in self.skipped]
+            if not self._rows:
+                raise ValueError(f"{self.path}: every one of its {len(table)} rows is bad; the first: row "
+                                 f"{next(iter(self.skipped))}: {next(iter(self.skipped.values()))}")
+            self._identity += f"|skipped:{sorted(self.skipped)}"
 
     @property
     def identity(self) -> str:
@@ -193,15 +222,30 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return self._identity
 
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self._rows)
 
     @functools.cached_property
     def prompts(self) -> list[str]:
         """Every caption, in order, without decoding an image (evaluation prompts; read once)."""
-        return [_caption(value, self.path, i) for i, value in enumerate(self.table[self.caption_column])]
+        captions = self.table[self.caption_column]
+        return [_caption(captions[row], self.path, row) for row in self._rows]
+
+    def _read(self, row: int) -> dict:
+        """Row ``row`` as an item, or ``BadItem`` saying why it cannot be one."""
+        try:
+            values = self.table[row]  # datasets decodes an Image feature here
+            caption = check_caption(_caption_or_none(values[self.caption_column]))
+            image = _to_pil(values[self.image_column], self._base_dir)
+            check_size(image, self.min_image_size)
+            return {"image": preprocess_image(image, self.resolution), "prompt": caption}
+        except BadItem:
+            raise
+        except (OSError, ValueError, TypeError, SyntaxError) as err:  # PIL: unreadable, truncated, not an image
+            raise BadItem(f"its image cannot be read ({type(err).__name__}: {err})") from err
 
     def __getitem__(self, index: int) -> dict:
-        row = self.table[int(index)]
-        image = _to_pil(row[self.image_column], self._base_dir)
-        return {"image": preprocess_image(image, self.resolution),
-                "prompt": _caption(row[self.caption_column], self.path, int(index))}
+        row = self._rows[int(index)]
+        try:
+            return self._read(row)
+        except BadItem as err:
+            raise bad_item_error(self.path, row, str(err)) from None
