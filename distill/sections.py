@@ -19,7 +19,8 @@ def setting(default: Any, help: str, **checks: Any) -> Any:
     """A dataclass field with ``default`` (copied per instance when mutable) and its help.
 
     ``checks`` declare what ``distill.config.fields`` checks of every such field, before any
-    weights load: ``minimum`` / ``maximum`` (a range), ``at_most`` (a function of the whole
+    weights load: ``minimum`` / ``maximum`` (a range), ``check`` (a function of key and
+    value that fails a bad one), ``at_most`` (a function of the whole
     config giving ``(bound, what it is)`` or None where it is not known before loading),
     ``path`` (the kind of file or directory the value names, see ``distill.config.paths``),
     ``used`` (a function of the field's section: whether the path is read at all, e.g. a

@@ -22,7 +22,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from distill import config as config_lib
-from distill import runs
+from distill import runs, trackers
 from distill.atomic import atomic_directory, partial_directory
 from distill.config import Config
 from distill.data import EpochSampler, cached_dataset, collate, step_generator
@@ -48,7 +48,7 @@ class DistillTrainer:
         cfg = self.config
         self.accelerator = Accelerator(
             mixed_precision=cfg.train.mixed_precision,
-            log_with="tensorboard",
+            log_with=cfg.train.log_with or None,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
         set_seed(cfg.seed)
@@ -74,7 +74,8 @@ class DistillTrainer:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config_lib.dump(cfg, self.output_dir / runs.CONFIG)
-        self.accelerator.init_trackers("distill", config=config_lib.to_flat_dict(cfg))
+        self.accelerator.init_trackers("distill", config=config_lib.to_flat_dict(cfg),
+                                       init_kwargs=trackers.init_kwargs(cfg.train.log_with, self.output_dir))
 
     def _setup_teacher(self):
         t = self.config.teacher
@@ -316,8 +317,7 @@ class DistillTrainer:
             return
         images, _ = self._draw(self.eval_student(), self.config.train.num_grid_samples, seed=self.config.seed)
         save_grid(images, runs.samples_path(self.output_dir, step))
-        tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
-        tracker.add_image("samples", image_grid(images.float().cpu()), global_step=step)
+        trackers.log_images(self.accelerator, "samples", image_grid(images.float().cpu()), step)
 
     def scores(self, num_samples: int) -> tuple[dict, torch.nn.Module]:
         """Scores of the EMA student on ``num_samples`` samples (fixed seed), and that student."""

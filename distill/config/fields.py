@@ -2,6 +2,7 @@
 one walk over every section of a config checks them all, before any weights load.
 
 - ``minimum`` / ``maximum``: the value's range;
+- ``check``: a function of (key, value) that fails a bad one (e.g. a tracker not installed);
 - ``at_most``: a function of the whole config that gives ``(bound, what the bound is)`` where
   it is known before anything loads (``data.batch_size`` against the dataset's size), else None;
 - ``path``: the kind of file or directory the value names (``distill.config.paths``), checked
@@ -33,6 +34,8 @@ def check_fields(section: Any, prefix: str = "", root: Any = None) -> None:
             fail(key, f"must be at least {meta['minimum']}, got {value}")
         if "maximum" in meta and value > meta["maximum"]:
             fail(key, f"must be at most {meta['maximum']}, got {value}")
+        if "check" in meta:
+            meta["check"](key, value)
         if "at_most" in meta:
             bound = meta["at_most"](root)
             if bound is not None and value > bound[0]:

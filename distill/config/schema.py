@@ -13,6 +13,7 @@ from typing import Literal, Optional
 from distill.config.fields import dataset_size
 from distill.methods import DEFAULT_METHOD, METHODS, MethodConfig
 from distill.sections import LoraConfig, setting
+from distill.trackers import check_trackers
 
 
 @dataclass
@@ -108,6 +109,9 @@ class TrainConfig:
     checkpoint_every: int = setting(200, "save a resumable checkpoint every N student steps")
     keep_checkpoints: int = setting(2, "how many recent checkpoints to keep")
     log_every: int = setting(10, "log losses every N student steps")
+    log_with: list[str] = setting(
+        ["tensorboard"], "experiment trackers, through Accelerate: tensorboard, wandb, comet_ml, mlflow, aim (each "
+        "where installed); [] for losses.jsonl alone", check=check_trackers)
     sample_every: int = setting(200, "write a sample grid every N student steps (0 disables)")
     num_grid_samples: int = setting(64, "images in each sample grid")
 
