@@ -39,9 +39,13 @@ def _train(args) -> None:
 
 
 def _export(args) -> None:
+    from distill import runs
     from distill.export import export
 
-    out = export(args.run_dir, args.out_dir, checkpoint=args.checkpoint, formats=args.formats)
+    prompts = None
+    if args.formats and "lora-extract" in args.formats:  # the distance's images: a text teacher needs prompts
+        prompts = _prompts(args, runs.load_run(args.run_dir, args.checkpoint).config)
+    out = export(args.run_dir, args.out_dir, checkpoint=args.checkpoint, formats=args.formats, rank=args.rank, prompts=prompts)
     print(f"exported {args.run_dir} -> {out}")
 
 
@@ -168,9 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--checkpoint", default="latest", help="'latest', 'best' (kept by eval.every) or a checkpoint directory")
-    p.add_argument("--formats", nargs="+", choices=["pipeline", "lora", "kohya"], default=None,
+    p.add_argument("--formats", "--format", nargs="+", choices=["pipeline", "lora", "kohya", "lora-extract", "single-file"],
+                   default=None,
                    help="what to write (default: all the student has): pipeline (LoRA fused in), lora (diffusers "
-                        "LoRA for pipe.load_lora_weights, in lora/), kohya (kohya/ComfyUI LoRA, in kohya/)")
+                        "LoRA for pipe.load_lora_weights, in lora/), kohya (kohya/ComfyUI LoRA, in kohya/); for a fully "
+                        "trained student lora-extract (a rank --rank LoRA of its difference from the teacher, in lora/ "
+                        "and kohya/, its images' distance to the student in the card); single-file (SD 1.x/2.x/SDXL: "
+                        "distill_student.safetensors in the original layout, for AUTOMATIC1111 / ComfyUI)")
+    p.add_argument("--rank", type=int, default=None, help="rank of the LoRA that lora-extract writes")
+    p.add_argument("--prompts", default=None, help="lora-extract on a text-to-image run: prompts of the distance's images "
+                                                    "(a .txt file or an HF dataset; default: the run's training data's)")
     p.set_defaults(func=_export)
 
     for name, help in (("sample", "draw a grid of samples"), ("eval", "score samples: FD, KID, precision/recall, class accuracy, speed")):

@@ -8,6 +8,12 @@ A LoRA student is exported three ways (``FORMATS``): the pipeline with the LoRA 
 its denoiser; ``lora/``, diffusers' LoRA format for ``pipe.load_lora_weights`` on the
 teacher's own pipeline; and ``kohya/``, the same weights under kohya / ComfyUI key names
 (``distill.export.lora``). ``distill.export.card`` writes the model card.
+
+A fully trained student has two more: ``lora-extract``, a LoRA of chosen rank taken from it
+by truncated SVD of its weights' difference from the teacher's, written in the LoRA formats
+(``distill.export.extracted``; the card reports how far its images are from the full
+student's); and ``single-file``, an SD 1.x / 2.x / SDXL pipeline as one checkpoint in the
+original key layout for AUTOMATIC1111 / ComfyUI (``distill.single_file``, ``SINGLE_FILE``).
 """
 
 from __future__ import annotations
@@ -27,13 +33,14 @@ from distill.runs import STUDENT, load_run, read_metrics
 from distill.schedulers import few_step_scheduler
 from distill.students import ADAPTER_WEIGHTS, fuse, is_lora_checkpoint, load_student, lora_state_dict
 
-FORMATS = ("pipeline", "lora", "kohya")
+FORMATS = ("pipeline", "lora", "kohya", "lora-extract", "single-file")
 RECIPE_FILE = "distill_recipe.yaml"  # the run's resolved recipe, beside the model card
-__all__ = ["FORMATS", "KOHYA_DIR", "KOHYA_FILE", "LORA_DIR", "RECIPE_FILE", "export"]
+SINGLE_FILE = "distill_student.safetensors"  # the single-file checkpoint, in the original layout
+__all__ = ["FORMATS", "KOHYA_DIR", "KOHYA_FILE", "LORA_DIR", "RECIPE_FILE", "SINGLE_FILE", "export"]
 
 
 def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
-           formats: Sequence[str] | None = None) -> Path:
+           formats: Sequence[str] | None = None, rank: int | None = None, prompts: list[str] | None = None) -> Path:
     """Write the run's student (EMA weights) to ``out_dir`` with a model card; returns ``out_dir``.
 
     ``formats`` (default: every one the student has): ``"pipeline"``, the teacher's pipeline
@@ -41,7 +48,9 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
     for a LoRA student also ``"lora"`` (``lora/``, for ``pipe.load_lora_weights`` on the
     teacher's pipeline) and ``"kohya"`` (``kohya/distill_lora.safetensors``). The LoRA
     formats need a LoRA student and a pipeline class with a diffusers LoRA loader; the
-    default leaves them out where the pipeline has none. ``scheduler/`` is always written."""
+    default leaves them out where the pipeline has none. ``scheduler/`` is always written.
+    A full student also takes ``"lora-extract"`` (needs ``rank``; ``prompts`` condition the
+    images of its distance for a text-to-image teacher) and ``"single-file"`` (SD / SDXL)."""
     run = load_run(run_dir, checkpoint)
     student_dir = run.checkpoint / STUDENT
     teacher_path, revision, timesteps = run.config.teacher.path, run.config.teacher.revision, run.config.student.timesteps
@@ -56,6 +65,12 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
     scheduler = few_step_scheduler(scheduler_config, timesteps)
     component = _denoiser_component(pipe, teacher, student_dir)
     formats = _formats(formats, lora, type(pipe), component)
+    if "lora-extract" in formats and (rank is None or rank < 1):
+        raise ValueError(f"export format lora-extract needs the LoRA's rank, at least 1 (--rank N), got {rank}")
+    if "single-file" in formats:
+        from distill.single_file import _layout
+
+        _layout(pipe)  # an SD / SDXL pipeline, before anything is written
     teacher_denoiser = pipe.components[component]
     denoiser_class = type(teacher_denoiser).__name__
     out_dir = Path(out_dir)
@@ -71,11 +86,21 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
         if "kohya" in formats:
             save_kohya_lora(component, state, lora_config, out_dir / KOHYA_DIR / KOHYA_FILE)
         student = fuse(student)  # pipe's own denoiser, now with the LoRA merged
+    extracted = None
+    if "lora-extract" in formats:
+        from distill.export.extracted import export_extracted_lora
+
+        extracted = export_extracted_lora(pipe=pipe, teacher=teacher, component=component, student=student, rank=rank,
+                                          timesteps=timesteps, out_dir=out_dir, prompts=prompts)
+    if resolution is not None and teacher is not None and hasattr(student.config, "sample_size"):
+        # the pipelines' default height / width is sample_size x the VAE factor: make it the trained size
+        student.register_to_config(sample_size=teacher.sample_shape[-1])
+    pipe.register_modules(**{component: student, "scheduler": scheduler})
+    if "single-file" in formats:
+        from distill.single_file import save_single_file
+
+        save_single_file(pipe, out_dir / SINGLE_FILE)
     if "pipeline" in formats:
-        if resolution is not None and teacher is not None and hasattr(student.config, "sample_size"):
-            # the pipelines' default height / width is sample_size x the VAE factor: make it the trained size
-            student.register_to_config(sample_size=teacher.sample_shape[-1])
-        pipe.register_modules(**{component: student, "scheduler": scheduler})
         pipe.save_pretrained(out_dir, safe_serialization=True)
     else:
         scheduler.save_pretrained(out_dir / "scheduler")
@@ -96,6 +121,7 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
             formats=formats,
             lora=lora_info,
             image_size=resolution,
+            extracted=extracted,
         )
     )
     (out_dir / RECIPE_FILE).write_text(yaml.safe_dump(run.recipe, sort_keys=False))
@@ -112,10 +138,13 @@ def _formats(requested: Sequence[str] | None, lora: bool, pipeline_class: type, 
     unknown = [f for f in requested if f not in FORMATS]
     if unknown or not requested:
         raise ValueError(f"unknown export format(s) {unknown or requested}; choose from {list(FORMATS)}")
-    wants_lora = [f for f in requested if f != "pipeline"]
+    if "lora-extract" in requested and lora:
+        raise ValueError("export format lora-extract takes a LoRA from a fully trained student, but this run trained a "
+                         "LoRA (student.lora.rank > 0): export its own LoRA with formats lora / kohya")
+    wants_lora = [f for f in requested if f in ("lora", "kohya")]
     if wants_lora and not lora:
         raise ValueError(f"export formats {wants_lora} need a LoRA student, but this run trained every weight "
-                         "(student.lora.rank = 0): export the pipeline")
+                         "(student.lora.rank = 0): export the pipeline, or a LoRA extracted from it (lora-extract --rank N)")
     if wants_lora and not has_loader:
         raise ValueError(f"{pipeline_class.__name__} has no diffusers LoRA loader, so formats {wants_lora} do not "
                          "apply: export the pipeline (the LoRA fused in)")

@@ -9,7 +9,7 @@ from distill.export.lora import KOHYA_DIR, KOHYA_FILE, LORA_DIR
 
 
 def model_card(*, teacher, recipe, timesteps, scheduler, component, denoiser_class, num_classes, metrics, checkpoint,
-               text=False, formats=("pipeline",), lora=None, image_size=None, label_call=False) -> str:
+               text=False, formats=("pipeline",), lora=None, image_size=None, label_call=False, extracted=None) -> str:
     n = len(timesteps)
     method = recipe["method"]
     gan = f", GAN weight {method['gan']['weight']}" if "gan" in method else ""
@@ -28,6 +28,10 @@ def model_card(*, teacher, recipe, timesteps, scheduler, component, denoiser_cla
         files += f"| LoRA (diffusers) | `{LORA_DIR}/pytorch_lora_weights.safetensors`, for `pipe.load_lora_weights` on the teacher |\n"
     if "kohya" in formats:
         files += f"| LoRA (kohya / ComfyUI) | `{KOHYA_DIR}/{KOHYA_FILE}` |\n"
+    if "single-file" in formats:
+        files += ("| single file (AUTOMATIC1111 / ComfyUI) | `distill_student.safetensors`, the original checkpoint layout; "
+                  f"sample it with {n} step{'s' * (n > 1)}, CFG 1 |\n")
+    extracted_section = _extracted_section(extracted) if extracted else ""
     if text:
         sampling = _text_sampling(teacher, n, scheduler, formats)
     elif label_call:
@@ -51,13 +55,32 @@ Distilled with distill by {method['name'].upper()} (recipe below, checkpoint `{c
 | scheduler | `{scheduler}` (in `scheduler/`; `set_timesteps({n})` gives exactly these timesteps) |
 | guidance at sampling | none: the student is sampled without classifier-free guidance{' (`guidance_scale=0.0`)' if text else ''} |
 {f"| image size | {image_size} x {image_size} (trained at this size: pass `height={image_size}, width={image_size}` with the LoRA) |" + chr(10) if image_size else ""}{model_row}
-{files}{score_rows}
+{files}{score_rows}{extracted_section}
 {sampling}
 ## Recipe
 
 ```yaml
 {yaml.safe_dump(recipe, sort_keys=False)}```
 """
+
+
+def _extracted_section(extracted: dict) -> str:
+    """The extracted LoRA: its files, how well it fits the student's weights, and how far its
+    images are from the full student's."""
+    fit, distance = extracted["fit"], extracted["distance"]
+    rows = "".join(f"| file | `{f}` |\n" for f in extracted["files"])
+    rows += (f"| weight fit | relative error {fit['lora_relative_error']:.4g} over {fit['lora_layers']} layers "
+             f"(energy kept {fit['lora_energy_kept']:.4g}; worst layer `{fit['lora_worst_layer']}`, "
+             f"{fit['lora_worst_layer_error']:.4g}) |\n")
+    if fit["lora_not_expressed"]:
+        rows += f"| not in the LoRA | {len(fit['lora_not_expressed'])} changed parameter(s) that are no Linear / Conv2d weight |\n"
+    if distance:
+        rows += (f"| distance to the full student | mean abs {distance['mean_abs_diff']:.4g}, max abs "
+                 f"{distance['max_abs_diff']:.4g}, PSNR {distance['psnr_db']:.2f} dB ({distance['num_images']} images, "
+                 "same seeds, pixels in [0, 1]) |\n")
+    return (f"\n## LoRA extracted from the full student (rank {extracted['rank']})\n\nThe difference of the student's "
+            "weights from the teacher's, cut to its best rank-r approximation (truncated SVD), alpha = rank; load "
+            "it onto the teacher's pipeline and sample it as the student.\n\n| | |\n|---|---|\n" + rows)
 
 
 _FLOW_RNG_NOTE = """ Some pipelines (SD3's among them) call `scheduler.step` without the
