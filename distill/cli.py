@@ -113,7 +113,8 @@ def _eval(args) -> None:
     targets, run_config = _target(args, device)
     overrides = [f"{key}={value}" for key, value in (("eval.num_samples", args.num), ("eval.features", args.features),
                                                      ("eval.classifier", args.classifier), ("eval.dinov2", args.dinov2),
-                                                     ("eval.clip", args.clip), ("eval.cache_dir", args.cache_dir)) if value is not None]
+                                                     ("eval.clip", args.clip), ("eval.cache_dir", args.cache_dir),
+                                                     ("eval.cmmd", "true" if args.cmmd else None)) if value is not None]
     if args.reference:
         overrides += ["data.dataset=image_captions", f"data.path={args.reference}"]
     if run_config is not None:  # the run's own eval settings, then the command line's
@@ -128,9 +129,9 @@ def _eval(args) -> None:
             reference = None
             if config.data.dataset == "image_captions":
                 reference = eval_reference(dataset_from_config(config.data, resolution=images.shape[-1]), config.eval)
-            elif config.data.dataset in ("prompts", "classes") and config.eval.features:
-                raise ValueError(f"{config.data.dataset} data have no reference images: score with --features [] (and --clip "
-                                 "for prompts), or give --reference")
+            elif config.data.dataset in ("prompts", "classes") and (config.eval.features or config.eval.cmmd):
+                raise ValueError(f"{config.data.dataset} data have no reference images for FD or CMMD: score with --features "
+                                 "[] (and --clip for prompts), or give --reference")
             scorer = scorer_from_config(config.eval, config.data.dataset, device, reference=reference)
         row = {"name": target.name, "steps": target.steps, **scorer(images, labels)}
         if not args.no_speed:
@@ -139,10 +140,39 @@ def _eval(args) -> None:
         slug = target.name.replace(", ", "-").replace(" ", "_").replace("(", "").replace(")", "").replace("/", "_")
         save_grid(images[:64], out / f"grid-{slug}.png")
         print(json.dumps(row), flush=True)
+    if run_config is not None or (Path(args.target) / "model_index.json").is_file():
+        _teacher_beside_student(args, targets[0], device, out)
     table = evaluate.markdown_table(rows, config.eval.features)
     (out / "metrics.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "metrics.md").write_text(table)
     print("\n" + table + f"\nwrote {out}/metrics.json, metrics.md and sample grids")
+
+
+def _teacher_beside_student(args, student, device, out: Path) -> None:
+    """``teacher-vs-student.png``: the teacher under --compare-solver at --compare-steps (its
+    own guidance) | the student, the same --compare-num seeds and labels or prompts."""
+    import yaml
+
+    from distill import evaluate, runs
+    from distill.export import RECIPE_FILE
+    from distill.grids import save_picture, side_by_side
+
+    if args.compare_num == 0:
+        return
+    source = Path(args.target)
+    recipe_file = source / runs.CONFIG if runs.is_run(source) else source / RECIPE_FILE
+    if not recipe_file.is_file():
+        print(f"no teacher | student grid: {source} has no {recipe_file.name} naming its teacher")
+        return
+    teacher = yaml.safe_load(recipe_file.read_text())["teacher"]
+    prompts = _prompts(args, runs.load_run(source, args.checkpoint).config if runs.is_run(source) else None)
+    baseline = evaluate.teacher_target(teacher["path"], args.compare_solver, args.compare_steps,
+                                       guidance_scale=teacher["guidance_scale"], batch_size=args.batch_size, device=device,
+                                       revision=teacher["revision"], prompts=prompts)
+    # draw gives both the same noise and the same balanced labels or cycled prompts from one seed
+    (left, _), (right, _) = (target.draw(args.compare_num, args.seed) for target in (baseline, student))
+    save_picture(side_by_side(left, right), out / "teacher-vs-student.png")
+    print(f"wrote {out / 'teacher-vs-student.png'}: {baseline.name} | {student.name}, seed {args.seed}")
 
 
 def _flat_eval(config: dict):
@@ -184,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(a .txt file or an HF dataset; default: the run's training data's)")
     p.set_defaults(func=_export)
 
-    for name, help in (("sample", "draw a grid of samples"), ("eval", "score samples: FD, KID, precision/recall, class accuracy, speed")):
+    for name, help in (("sample", "draw a grid of samples"), ("eval", "score samples: FD, KID, precision/recall, CMMD, class accuracy, speed")):
         p = sub.add_parser(name, help=f"{help} from a run directory, an export, or a teacher with --solver")
         p.add_argument("target", help="run directory, exported pipeline directory, or teacher (local dir or hub id) with --solver")
         p.add_argument("--checkpoint", default="latest", help="for a run: 'latest', 'best' or a checkpoint directory")
@@ -208,12 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--features", default=None, help="feature spaces, e.g. [classifier,dinov2] (default: eval.features)")
             p.add_argument("--classifier", default=None, help="scoring classifier (default: eval.classifier)")
             p.add_argument("--dinov2", default=None, help="DINOv2 checkpoint for the dinov2 features (default: eval.dinov2)")
-            p.add_argument("--clip", default=None, help="CLIP model for the CLIP score against --prompts (default: eval.clip)")
+            p.add_argument("--clip", default=None, help="CLIP model for the CLIP score against --prompts and for --cmmd "
+                                                        "(default: eval.clip)")
+            p.add_argument("--cmmd", action="store_true", help="also score CMMD, the MMD of CLIP image embeddings against "
+                                                               "the reference images (needs --clip or eval.clip)")
             p.add_argument("--reference", default=None,
                            help="image-caption dataset whose images FD / precision / recall compare with (default for a run: its data)")
             p.add_argument("--cache-dir", default=None, help="reference-feature cache (default: eval.cache_dir)")
             p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
             p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+            p.add_argument("--compare-num", type=int, default=16,
+                           help="a run or export: images in teacher-vs-student.png, the teacher | the student from the same "
+                                "seeds and labels or prompts (0: no such grid)")
+            p.add_argument("--compare-solver", choices=["ddim", "dpmsolver++"], default="dpmsolver++",
+                           help="the teacher's solver in teacher-vs-student.png")
+            p.add_argument("--compare-steps", type=int, default=25, help="the teacher's steps in teacher-vs-student.png")
             p.set_defaults(func=_eval)
     return parser
 

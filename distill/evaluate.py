@@ -7,7 +7,7 @@ a training run's student, an exported pipeline under its own few-step scheduler,
 teacher under a stock diffusers solver (DDIM, DPM-Solver++) at a given step count, the
 baseline a student has to beat. ``Scorer`` compares a target's samples with the dataset's
 reference images in one or more feature spaces (``distill.features``): Fréchet distance,
-KID, precision and recall, plus class accuracy; ``measure_speed`` times the target.
+KID, precision and recall, plus class accuracy and CMMD in CLIP image embeddings; ``measure_speed`` times the target.
 Reference features are cached on disk, keyed by dataset and extractor weights.
 """
 
@@ -60,18 +60,19 @@ class Scorer:
     """Scores images against a dataset's reference set in each feature space.
 
     Returns ``{"fd_<space>", "kid_<space>", "kid_std_<space>", "precision_<space>",
-    "recall_<space>", ...,  "class_accuracy", "clip_score", "num_samples"}``; class accuracy
-    needs a classifier and class labels, the CLIP score a CLIP model and prompts.
+    "recall_<space>", ...,  "cmmd", "class_accuracy", "clip_score", "num_samples"}``; class
+    accuracy needs a classifier and class labels, the CLIP score a CLIP model and prompts,
+    CMMD (``cmmd``) a CLIP model and reference images.
     ``reference`` = ``(key, images [N, C, H, W] in [0, 1])`` replaces the built-in
     ``reference_set(dataset)`` (e.g. the images of an image-caption dataset)."""
 
     def __init__(self, *, feature_spaces: list[str], dataset: str, classifier: str | None, dinov2: str,
                  cache_dir: str | Path, nearest_k: int, kid_subsets: int, kid_subset_size: int, batch_size: int,
-                 device: torch.device | str = "cpu", clip: str | None = None,
+                 device: torch.device | str = "cpu", clip: str | None = None, cmmd: bool = False,
                  reference: tuple[str, Tensor] | None = None):
         self.device = torch.device(device)
         self.nearest_k, self.kid_subsets, self.kid_subset_size, self.batch_size = nearest_k, kid_subsets, kid_subset_size, batch_size
-        if feature_spaces and reference is None:
+        if (feature_spaces or cmmd) and reference is None:
             reference = reference_set(dataset)[:2]
         dataset_key, images = reference if reference is not None else (None, None)
         self.extractors = {name: load_extractor(name, classifier=classifier, dinov2=dinov2).to(self.device) for name in feature_spaces}
@@ -83,6 +84,15 @@ class Scorer:
             self.classifier = self.extractors["classifier"].classifier
         else:
             self.classifier = load_classifier(classifier).to(self.device) if classifier is not None else None
+        self.cmmd_features = self.cmmd_reference = None
+        if cmmd:
+            if clip is None:
+                raise ValueError("CMMD needs a CLIP model (eval.clip, distill eval --clip)")
+            from distill.clip_features import ClipImageFeatures
+
+            self.cmmd_features = ClipImageFeatures(clip).to(self.device)
+            self.cmmd_reference = reference_features(self.cmmd_features, dataset_key=dataset_key, images=lambda: images,
+                                                     cache_dir=cache_dir, batch_size=batch_size)
         self.clip = None
         if clip is not None:
             from transformers import CLIPModel, CLIPProcessor
@@ -102,6 +112,8 @@ class Scorer:
             scores[f"fd_{name}"] = metrics.frechet_distance(real, fake)
             scores[f"kid_{name}"], scores[f"kid_std_{name}"] = metrics.kernel_distance(real, fake, self.kid_subsets, self.kid_subset_size)
             scores[f"precision_{name}"], scores[f"recall_{name}"] = metrics.precision_recall(real, fake, self.nearest_k)
+        if self.cmmd_features is not None:
+            scores["cmmd"] = metrics.cmmd(self.cmmd_reference, extract(self.cmmd_features, images, self.batch_size))
         if self.clip is not None and isinstance(labels, list):
             scores["clip_score"] = metrics.clip_score(images, labels, *self.clip, batch_size=self.batch_size)
         if self.classifier is not None and isinstance(labels, Tensor):
@@ -240,6 +252,7 @@ COLUMNS = [  # (metrics key, header, format)
     ("kid_{space}", "KID ↓", "{:.4f}"),
     ("precision_{space}", "precision ↑", "{:.3f}"),
     ("recall_{space}", "recall ↑", "{:.3f}"),
+    ("cmmd", "CMMD ↓", "{:.3f}"),
     ("class_accuracy", "class acc. ↑", "{:.3f}"),
     ("out_of_range", "outside [-1, 1] ↓", "{:.1%}"),
     ("clip_score", "CLIP score ↑", "{:.2f}"),

@@ -17,7 +17,7 @@ def scorer_from_config(e: EvalConfig, dataset: str, device, reference=None) -> S
     see ``eval_reference``)."""
     return Scorer(feature_spaces=e.features, dataset=dataset, classifier=e.classifier, dinov2=e.dinov2,
                   cache_dir=e.cache_dir, nearest_k=e.nearest_k, kid_subsets=e.kid_subsets,
-                  kid_subset_size=e.kid_subset_size, batch_size=e.batch_size, device=device, clip=e.clip,
+                  kid_subset_size=e.kid_subset_size, batch_size=e.batch_size, device=device, clip=e.clip, cmmd=e.cmmd,
                   reference=reference)
 
 

@@ -230,7 +230,8 @@ def test_best_checkpoint_missing_says_where_it_looked(tmp_path):
 
 def test_distill_eval_on_a_run_an_export_and_a_teacher(scored_run, tiny_teacher, tiny_classifier, tmp_path, capsys):
     cache = tmp_path / "cache"
-    common = ["--num", "30", "--classifier", str(tiny_classifier), "--cache-dir", str(cache), "--batch-size", "15"]
+    common = ["--num", "30", "--classifier", str(tiny_classifier), "--cache-dir", str(cache), "--batch-size", "15",
+              "--compare-num", "4", "--compare-steps", "2"]
 
     cli(["eval", str(scored_run), "--checkpoint", "best", "--out", str(tmp_path / "run-eval"), "--no-speed", *common])
     (row,) = json.loads((tmp_path / "run-eval" / "metrics.json").read_text())
@@ -245,6 +246,7 @@ def test_distill_eval_on_a_run_an_export_and_a_teacher(scored_run, tiny_teacher,
     # the export under stock diffusers draws the run's samples: same scores
     assert exp_row["fd_classifier"] == pytest.approx(row["fd_classifier"], rel=1e-4)
     assert exp_row["latency_ms"] > 0 and exp_row["images_per_second"] > 0
+    assert (tmp_path / "export-eval" / "teacher-vs-student.png").is_file()  # the export's recipe names its teacher
 
     cli(["eval", str(tiny_teacher), "--solver", "all", "--steps", "2", "--out", str(tmp_path / "teacher-eval"), "--no-speed", *common])
     names = [r["name"] for r in json.loads((tmp_path / "teacher-eval" / "metrics.json").read_text())]

@@ -114,7 +114,9 @@ def test_cli_eval_and_sample_on_a_text_run_and_its_export(tiny_sd, tiny_dinov2, 
     name = "sd15-dmd2-1step"
     run = tmp_path / "run"
     train.main([RECIPES[name], *_overrides(name, tiny_sd, text_data, run)])
-    main(["eval", str(run), "--num", "6", "--clip", str(tiny_clip), "--no-speed", "--batch-size", "3"])
+    main(["eval", str(run), "--num", "6", "--clip", str(tiny_clip), "--no-speed", "--batch-size", "3", "--compare-num", "2",
+          "--compare-steps", "2"])
+    assert "teacher-vs-student.png: teacher, DPM-Solver++, 2 steps | student" in capsys.readouterr().out
     rows = json.loads((run / "eval" / "metrics.json").read_text())
     assert 0 <= rows[0]["clip_score"] <= 100 and rows[0]["num_samples"] == 6
     assert "CLIP score" in (run / "eval" / "metrics.md").read_text()
@@ -124,7 +126,7 @@ def test_cli_eval_and_sample_on_a_text_run_and_its_export(tiny_sd, tiny_dinov2, 
     prompts.write_text("one prompt\nanother\n")
     main(["eval", str(tmp_path / "export"), "--num", "4", "--features", "[dinov2]", "--dinov2", str(tiny_dinov2),
           "--reference", str(text_data / "images"), "--prompts", str(prompts), "--clip", str(tiny_clip), "--no-speed",
-          "--out", str(tmp_path / "export-eval"), "--cache-dir", str(tmp_path / "ref-cache")])
+          "--out", str(tmp_path / "export-eval"), "--cache-dir", str(tmp_path / "ref-cache"), "--compare-num", "0"])
     row = json.loads((tmp_path / "export-eval" / "metrics.json").read_text())[0]
     assert row["fd_dinov2"] > 0 and "clip_score" in row
     main(["sample", str(tmp_path / "export"), "--num", "4", "--prompts", str(prompts), "--out", str(tmp_path / "grid.png")])

@@ -132,6 +132,9 @@ def _check_data(config: Config) -> None:
     if "classifier" in config.eval.features:
         fail("eval.features", f"the classifier feature space is the digits classifier's; score {d.dataset} "
              "samples in dinov2 (FD-DINOv2) or inception features, or set eval.features: [] and eval.clip")
+    if d.dataset in ("prompts", "classes") and config.eval.cmmd:
+        fail("eval.cmmd", f"{d.dataset} have no reference images for CMMD: train on image_captions, or give distill "
+             "eval --reference")
     if d.dataset in ("prompts", "classes") and config.eval.features:
         fail("eval.features", f"{d.dataset} have no reference images for FD / precision / recall: set "
              "eval.features: [] (and eval.clip for the CLIP score of prompts) or train on image_captions")
@@ -150,6 +153,9 @@ def check_eval(e: EvalConfig) -> None:
         fail("eval.features", f"lists a feature space twice: {e.features}")
     if "classifier" in e.features and e.classifier is None:
         fail("eval.features", "the classifier feature space needs eval.classifier (or drop it from eval.features)")
+    if e.cmmd and e.clip is None:
+        fail("eval.cmmd", "CMMD embeds images with CLIP: set eval.clip (distill eval --clip) to a CLIP model, a local "
+             "directory or hub id, e.g. openai/clip-vit-large-patch14-336 (the paper's)")
     if e.every and not e.features:
         fail("eval.every", "evaluation during training needs at least one feature space in eval.features")
     for name in ("num_samples", "every_num_samples"):

@@ -134,6 +134,9 @@ class EvalConfig:
         None, "CLIP model (hub id or local dir, e.g. openai/clip-vit-large-patch14) for the CLIP score of text-conditioned "
         "samples against their prompts (null: no CLIP score)", path="model",
     )
+    cmmd: bool = setting(
+        False, "also score CMMD (Jayasumana et al. 2024: MMD of CLIP image embeddings against the reference images) "
+        "with eval.clip's image tower; the paper's model is openai/clip-vit-large-patch14-336")
     num_samples: int = setting(2000, "samples drawn for the final scores (metrics.json)")
     every: int = setting(
         0, "score the EMA student every N student steps during training, log it and keep the best checkpoint (0: only at the end)"
