@@ -40,10 +40,11 @@ from distill.config import Config, from_dict
 from distill.errors import ConfigError
 
 CONFIG, LOSSES, SCORES, METRICS = "config.yaml", "losses.jsonl", "scores.jsonl", "metrics.json"
+SCORES_PLOT = "scores.png"  # FD and recall against step, redrawn at each evaluation (distill.plots)
 BEST_SCORES = "scores.json"  # inside checkpoints/best: its step and scores
 DATA_REPORT = "data_report.json"  # the bad items data.on_bad_item=skip left out
 __all__ = ["BEST", "BEST_SCORES", "CHECKPOINTS", "CHECKPOINT_INFO", "CHECKPOINT_PREFIX", "CONFIG", "DATA_REPORT", "LOSSES", "METRICS",
-           "Run", "SCORES", "STUDENT", "append_row", "best_scores", "check_new_run", "checkpoint_path", "find_checkpoint",
+           "Run", "SCORES", "SCORES_PLOT", "STUDENT", "append_row", "best_scores", "check_new_run", "checkpoint_path", "find_checkpoint",
            "forget_steps_after", "is_run", "keep_if_best", "load_run", "prune_checkpoints", "read_metrics", "read_rows",
            "report_skipped", "samples_path", "write_checkpoint_info", "write_metrics"]
 

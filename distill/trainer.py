@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from distill import config as config_lib
 from distill import runs, trackers
 from distill.atomic import atomic_directory, partial_directory
+from distill.plots import plot_against_step
 from distill.config import Config
 from distill.data import EpochSampler, cached_dataset, collate, step_generator
 from distill.factories import dataset_from_config, eval_reference, scorer_from_config, teacher_identity
@@ -340,6 +341,9 @@ class DistillTrainer:
         self.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "num_samples"}, step=step)
         runs.append_row(self.output_dir / runs.SCORES,
                         {"step": step, "minutes": round(self.state.elapsed_seconds / 60, 2), **metrics})
+        space = self.config.eval.features[0]
+        plot_against_step(runs.read_rows(self.output_dir / runs.SCORES), [self.best_metric, f"recall_{space}"],
+                          self.output_dir / runs.SCORES_PLOT)
         runs.keep_if_best(self.output_dir, step=step, scores=metrics, metric=self.best_metric,
                           save_student=lambda directory: save_student(student, directory))
 

@@ -223,6 +223,27 @@ def test_training_logs_scores_and_keeps_the_best_checkpoint(scored_run):
     assert find_checkpoint(scored_run).name == "step-000004"  # 'latest' never picks best
 
 
+def test_training_plots_fd_and_recall_against_step_beside_the_scores(scored_run):
+    import numpy as np
+    from PIL import Image
+
+    from distill import plots
+
+    rows = [json.loads(line) for line in (scored_run / "scores.jsonl").read_text().splitlines()]
+    picture = np.array(Image.open(scored_run / "scores.png").convert("RGB"))
+    assert picture.shape == (2 * plots.PANEL_HEIGHT, plots.WIDTH, 3)  # FD above, recall below
+    line = np.all(picture == plots.LINE, axis=2)
+    for panel, key in enumerate(("fd_classifier", "recall_classifier")):
+        ys, xs = np.nonzero(line[panel * plots.PANEL_HEIGHT : (panel + 1) * plots.PANEL_HEIGHT])
+        assert xs.min() <= plots.MARGIN_LEFT + 3 and xs.max() >= plots.WIDTH - plots.MARGIN_RIGHT - 3  # steps 1 .. 4
+        values = [r[key] for r in rows]
+        first, last = ys[xs <= plots.MARGIN_LEFT + 3].mean(), ys[xs >= plots.WIDTH - plots.MARGIN_RIGHT - 3].mean()
+        if values[0] != values[-1]:  # higher values are drawn higher up (smaller row index)
+            assert (first < last) == (values[0] > values[-1]), (key, values)
+        if len(set(values)) > 1:  # the range fills the panel: the largest value at the top, the smallest at the bottom
+            assert ys.min() <= plots.MARGIN_TOP + 3 and ys.max() >= plots.PANEL_HEIGHT - plots.MARGIN_BOTTOM - 3
+
+
 def test_best_checkpoint_missing_says_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError, match="no best checkpoint at .*eval.every"):
         find_checkpoint(tmp_path, "best")
