@@ -12,7 +12,7 @@ from diffusers import (DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from distill.denoiser import Denoiser
 from distill.discriminators.backbones import denoiser_features
 from distill.sampling import sample_teacher
-from distill.teachers import (StableDiffusionTeacher, StableDiffusionXLTeacher, _adapter_class, cached_condition, load_teacher,
+from distill.teachers import (StableDiffusionTeacher, StableDiffusionXLTeacher, adapter_class, cached_condition, load_teacher,
                               teacher_from_pipeline)
 
 PROMPTS = ["a red cat", "a blue dog walking in the long grass"]  # the second is truncated at 16 tokens
@@ -69,12 +69,12 @@ def test_adapter_class_needs_a_text_encoder_and_vae():
     sdxl = {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
-    assert _adapter_class(sdxl, "x") is StableDiffusionXLTeacher
-    assert _adapter_class({**sdxl, "text_encoder_2": [None, None]}, "x") is StableDiffusionTeacher
+    assert adapter_class(sdxl, "x") is StableDiffusionXLTeacher
+    assert adapter_class({**sdxl, "text_encoder_2": [None, None]}, "x") is StableDiffusionTeacher
     with pytest.raises(ValueError, match="SDXL"):  # the refiner: text_encoder_2 only
-        _adapter_class({**sdxl, "text_encoder": [None, None]}, "refiner")
+        adapter_class({**sdxl, "text_encoder": [None, None]}, "refiner")
     with pytest.raises(ValueError, match="no teacher adapter"):  # DeepFloyd IF: a pixel UNet2DConditionModel
-        _adapter_class({k: v for k, v in sdxl.items() if k != "vae"}, "if")
+        adapter_class({k: v for k, v in sdxl.items() if k != "vae"}, "if")
 
 
 @pytest.mark.parametrize("name", ["sd", "sd_v"])
