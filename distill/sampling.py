@@ -14,6 +14,7 @@ Two words, one meaning each:
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -83,7 +84,9 @@ def sample_teacher(teacher, scheduler_class, num_steps: int, noise: Tensor, cond
     teacher.set_timesteps(scheduler, num_steps)
     real = Denoiser(teacher, teacher.denoiser, guidance_scale)
     x = teacher.initial_sample(scheduler, noise)
+    # the generator goes to steps that take one, as the pipelines pass it (PNDM's takes none)
+    extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
         out = real.output(teacher.model_input(scheduler, x, t), t.expand(x.shape[0]).to(x.device), cond)
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        x = scheduler.step(out, t, x, **extra).prev_sample
     return x

@@ -11,12 +11,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TEXT_PROMPTS, _tiny_vae, latent_recipe_overrides
-from diffusers import (DiffusionPipeline, DiTPipeline, DPMSolverMultistepScheduler,
+from conftest import REPO, TEXT_PROMPTS, latent_recipe_overrides
+from diffusers import (DiffusionPipeline, DiTPipeline,
                        FlowMatchEulerDiscreteScheduler, PixArtAlphaPipeline)
 from safetensors.torch import load_file
 from test_sd3 import build_tiny_sd3
-from test_transformer_teachers import _tiny_pixart, _tiny_t5, build_tiny_dit
+from test_transformer_teachers import build_tiny_dit, build_tiny_pixart
 
 from distill import config as config_lib
 from distill import train
@@ -42,14 +42,7 @@ def tiny_dit_pipeline(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_pixart_pipeline(tmp_path_factory):
-    """PixArtAlphaPipeline with a character T5 and a DPM-Solver config, as PixArt-alpha ships."""
-    path = tmp_path_factory.mktemp("tiny") / "pixart"
-    torch.manual_seed(0)
-    tokenizer, text_encoder = _tiny_t5()
-    PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=_tiny_vae(), transformer=_tiny_pixart(),
-                        scheduler=DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear")
-                        ).save_pretrained(path, safe_serialization=True)
-    return path
+    return build_tiny_pixart(tmp_path_factory.mktemp("tiny") / "pixart")
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,14 @@ def build_tiny_sd3(path: Path) -> Path:
     return path
 
 
+def build_tiny_sd3_without_t5(path: Path) -> Path:
+    """``build_tiny_sd3``'s pipeline saved without T5 (text_encoder_3 and tokenizer_3 null)."""
+    with_t5 = build_tiny_sd3(path.with_name(path.name + "-with-t5"))
+    StableDiffusion3Pipeline.from_pretrained(with_t5, text_encoder_3=None, tokenizer_3=None).save_pretrained(
+        path, safe_serialization=True)
+    return path
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny transformers: threads cost more than they give
 
 
@@ -66,10 +74,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny transformers: threads
 def sd3_paths(tmp_path_factory) -> dict[str, Path]:
     """"t5": the tiny SD3 pipeline; "no_t5": the same saved without T5 (text_encoder_3 = null)."""
     root = tmp_path_factory.mktemp("tiny")
-    path = build_tiny_sd3(root / "sd3")
-    StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None).save_pretrained(
-        root / "sd3-no-t5", safe_serialization=True)
-    return {"t5": path, "no_t5": root / "sd3-no-t5"}
+    return {"t5": build_tiny_sd3(root / "sd3"), "no_t5": build_tiny_sd3_without_t5(root / "sd3-no-t5")}
 
 
 @pytest.fixture(scope="module")

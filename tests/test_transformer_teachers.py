@@ -62,6 +62,17 @@ def build_tiny_dit(path):
     return path
 
 
+def build_tiny_pixart(path, pipeline_class=PixArtAlphaPipeline):
+    """A PixArt-alpha (or -Sigma) pipeline with a character T5 and a DPM-Solver config, as
+    PixArt-alpha ships, saved to ``path``."""
+    torch.manual_seed(0)
+    tokenizer, text_encoder = _tiny_t5()
+    pipeline_class(tokenizer=tokenizer, text_encoder=text_encoder, vae=_tiny_vae(), transformer=_tiny_pixart(),
+                   scheduler=DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear")
+                   ).save_pretrained(path, safe_serialization=True)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_dit(tmp_path_factory):
     return build_tiny_dit(tmp_path_factory.mktemp("tiny") / "dit")
