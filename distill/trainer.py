@@ -55,7 +55,8 @@ class DistillTrainer:
         set_seed(cfg.seed)
         self.device = self.accelerator.device
         self.teacher = self._setup_teacher()
-        self.sampler = FewStepSampler(cfg.student.timesteps, self.teacher.schedule)
+        config_lib.fill_teacher_defaults(cfg, self.teacher)  # e.g. LoRA targets left null: the adapter's
+        self.sampler = FewStepSampler(cfg.student.timesteps, self.teacher.schedule, self.teacher.step_noise)
         self.method = cfg.method.build(teacher=self.teacher, sampler=self.sampler, guidance_scale=cfg.teacher.guidance_scale,
                                        backward_simulation=cfg.student.backward_simulation)
         student, fake_score = self._setup_roles()

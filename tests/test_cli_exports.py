@@ -59,7 +59,7 @@ def test_lora_extract_writes_the_lora_and_reports_its_images_distance_to_the_stu
     teacher = load_teacher(str(tiny_teacher))
     extracted = fuse(load_student(teacher.denoiser, tmp_path / "rank1" / "lora"))
     timesteps = load_run(digits_run).config.student.timesteps
-    ours, _ = draw_student(teacher, extracted, FewStepSampler(timesteps, teacher.schedule), DISTANCE_SEEDS, 0,
+    ours, _ = draw_student(teacher, extracted, FewStepSampler(timesteps, teacher.schedule, teacher.step_noise), DISTANCE_SEEDS, 0,
                            DISTANCE_SEEDS, "cpu")
     target, _ = run_target(digits_run, batch_size=DISTANCE_SEEDS)
     full, _ = target.draw(DISTANCE_SEEDS, 0)

@@ -24,9 +24,13 @@ def export_extracted_lora(*, pipe, teacher, component: str, student: nn.Module, 
     """Extract the rank-``rank`` LoRA of ``student`` against ``pipe``'s ``component`` and write it:
     ``lora/`` in diffusers' format where the pipeline has a LoRA loader, else peft's adapter
     files (``adapter_model.safetensors`` + ``adapter_config.json``, for ``PeftModel`` or
-    ``inject_adapter_in_model``); ``kohya/`` for a UNet pipeline with a loader. Returns the
-    card's numbers: the weight fit (``LoraFit.summary``) and, with a teacher adapter, the
-    images' distance to the full student (``image_distance``: mean / max abs, PSNR)."""
+    ``inject_adapter_in_model``); ``kohya/`` with a loader, for the families that have kohya
+    names (the adapter's ``kohya_prefix``). Returns the card's numbers: the weight fit
+    (``LoraFit.summary``) and the images' distance to the full student (``image_distance``:
+    mean / max abs, PSNR)."""
+    from peft import set_peft_model_state_dict
+
+    from distill.sampling import draw_student
     from distill.students import FewStepSampler, fuse
     from distill.students.files import ADAPTER_WEIGHTS
     from distill.students.roles import STUDENT, LoraRole, _add_adapter
@@ -41,8 +45,8 @@ def export_extracted_lora(*, pipe, teacher, component: str, student: nn.Module, 
     if has_loader:
         save_diffusers_lora(type(pipe), component, state, lora_config, out_dir / LORA_DIR)
         written.append(f"{LORA_DIR}/pytorch_lora_weights.safetensors")
-        if component == "unet":
-            save_kohya_lora(component, state, lora_config, out_dir / KOHYA_DIR / KOHYA_FILE)
+        if teacher.kohya_prefix is not None:
+            save_kohya_lora(teacher.kohya_prefix, state, lora_config, out_dir / KOHYA_DIR / KOHYA_FILE)
             written.append(f"{KOHYA_DIR}/{KOHYA_FILE}")
     else:
         from safetensors.torch import save_file
@@ -51,18 +55,12 @@ def export_extracted_lora(*, pipe, teacher, component: str, student: nn.Module, 
         save_file({k: v.cpu() for k, v in state.items()}, out_dir / LORA_DIR / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         lora_config.save_pretrained(str(out_dir / LORA_DIR))
         written.append(f"{LORA_DIR}/{ADAPTER_WEIGHTS}")
-    info = {"rank": rank, "files": written, "fit": fit.summary(), "distance": None}
-    if teacher is not None:
-        from peft import set_peft_model_state_dict
-
-        from distill.sampling import draw_student
-
-        extracted = copy.deepcopy(base)
-        _add_adapter(extracted, lora_config, STUDENT)
-        set_peft_model_state_dict(extracted, state, adapter_name=STUDENT)
-        extracted = fuse(LoraRole(extracted, STUDENT)).eval()
-        sampler = FewStepSampler(timesteps, teacher.schedule)
-        ours, _ = draw_student(teacher, extracted, sampler, DISTANCE_SEEDS, 0, DISTANCE_SEEDS, "cpu", prompts)
-        full, _ = draw_student(teacher, student, sampler, DISTANCE_SEEDS, 0, DISTANCE_SEEDS, "cpu", prompts)
-        info["distance"] = {"num_images": DISTANCE_SEEDS, **image_distance(ours, full)}
-    return info
+    extracted = copy.deepcopy(base)
+    _add_adapter(extracted, lora_config, STUDENT)
+    set_peft_model_state_dict(extracted, state, adapter_name=STUDENT)
+    extracted = fuse(LoraRole(extracted, STUDENT)).eval()
+    sampler = FewStepSampler(timesteps, teacher.schedule, teacher.step_noise)
+    ours, _ = draw_student(teacher, extracted, sampler, DISTANCE_SEEDS, 0, DISTANCE_SEEDS, "cpu", prompts)
+    full, _ = draw_student(teacher, student, sampler, DISTANCE_SEEDS, 0, DISTANCE_SEEDS, "cpu", prompts)
+    distance = {"num_images": DISTANCE_SEEDS, **image_distance(ours, full)}
+    return {"rank": rank, "files": written, "fit": fit.summary(), "distance": distance}
