@@ -42,6 +42,16 @@ def init_kwargs(names: list[str], output_dir: str | Path) -> dict:
     return kwargs
 
 
+def start(accelerator, names: list[str], config: dict, output_dir: str | Path) -> None:
+    """``accelerator.init_trackers`` with the recipe ``config`` as hyperparameters; a tracker
+    that fails to start (no API key, no network) is a ``train.log_with`` error of one line."""
+    try:
+        accelerator.init_trackers("distill", config=config, init_kwargs=init_kwargs(names, output_dir))
+    except Exception as err:  # each service raises its own kinds: name the key and pass the reason on
+        fail("train.log_with", f"the trackers {names} did not start ({type(err).__name__}: {err}); online services "
+             "need their login or an offline mode (WANDB_MODE=offline), or drop them from train.log_with")
+
+
 def log_images(accelerator, key: str, grid, step: int) -> None:
     """A sample grid ``[C, H, W]`` in [0, 1] to every tracker that takes images."""
     for tracker in accelerator.trackers:

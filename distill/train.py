@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from distill import config as config_lib
+from distill.config.checks import keyed_errors
 from distill.config.device import check_device
 from distill.errors import user_errors
 from distill.runs import check_new_run
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     from distill.trainer import DistillTrainer
 
     trainer = DistillTrainer(config)
-    trainer.setup()
+    with keyed_errors(argv[0]):  # a setting that fails only as it takes effect (a tracker's login), named with the file
+        trainer.setup()
     return trainer.train()
 
 

@@ -76,8 +76,7 @@ class DistillTrainer:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config_lib.dump(cfg, self.output_dir / runs.CONFIG)
-        self.accelerator.init_trackers("distill", config=config_lib.to_flat_dict(cfg),
-                                       init_kwargs=trackers.init_kwargs(cfg.train.log_with, self.output_dir))
+        trackers.start(self.accelerator, cfg.train.log_with, config_lib.to_flat_dict(cfg), self.output_dir)
 
     def _setup_teacher(self):
         t = self.config.teacher

@@ -90,3 +90,21 @@ def test_a_tracker_that_is_not_installed_is_named_with_its_key(tiny_teacher, tmp
     with pytest.raises(config_lib.ConfigError, match=r"train.log_with: unknown tracker 'neptune'; Accelerate's are aim, "):
         config_lib.load(None, [*overrides, "train.log_with=[neptune]"])
     assert config_lib.load(None, [*overrides, "train.log_with=[]"]).train.log_with == []
+
+
+def test_a_tracker_that_cannot_start_ends_in_one_line_naming_the_key_and_the_recipe(tiny_teacher, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="wandb is an optional tracker")
+    from distill import cli
+
+    wandb.teardown()  # W&B keeps its settings per process: forget an earlier test's offline mode
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_SILENT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: W&B online has no login
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config" / "wandb"))
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["train", RECIPE, *tiny_overrides(tiny_teacher, None, tmp_path / "run",
+                                                   **{"train.max_steps": 1, "train.log_with": "[wandb]"})])
+    message = str(exit.value)
+    assert message.startswith(f"distill: {RECIPE}: train.log_with: the trackers ['wandb'] did not start (UsageError: ")
+    assert "WANDB_MODE=offline" in message
