@@ -2,9 +2,9 @@
 W&B, Comet, MLflow, Aim and the others Accelerate knows, where installed.
 
 Every tracker gets the same scalars as ``losses.jsonl`` and the config as hyperparameters;
-the sample grids go to the trackers that take images (TensorBoard, W&B). Each writes under
-the run directory where it can (TensorBoard and Aim in ``logs/``, W&B in ``wandb/``, MLflow
-in ``logs/mlruns``); online services (W&B, Comet) follow their own settings, e.g.
+the sample grids go to the trackers that take images (TensorBoard, W&B). TensorBoard and Aim
+write in the run's ``logs/``, W&B in its ``wandb/``; MLflow follows ``MLFLOW_TRACKING_URI``
+(default ``./mlruns``), and the online services (W&B, Comet) their own settings, e.g.
 ``WANDB_MODE=offline``.
 """
 
