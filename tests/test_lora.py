@@ -11,9 +11,10 @@ import torch
 from conftest import REPO
 from diffusers import DiffusionPipeline, LCMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from distill import config as config_lib
+from distill import runs
 from distill.export import KOHYA_DIR, KOHYA_FILE, LORA_DIR, export
 from distill.methods import Critic
 from distill.schedules import schedule_from_config
@@ -257,7 +258,7 @@ def test_full_checkpoint_round_trip(tiny_sd, tmp_path):
 
 # ------------------------------------------------------------------------------------------ exports
 def _run(teacher_path, tmp_path, *, rank, alpha, timesteps, seed=5):
-    """A run directory as the trainer writes it (config.yaml, checkpoints/step-000001/student/)
+    """A run directory as the trainer writes it (config.yaml, checkpoints/step-000001/student/, distill.json)
     holding a student with random LoRA weights (or a full copy for rank 0); returns (run, student)."""
     run = tmp_path / "run"
     config = config_lib.load(RECIPE, [f"teacher.path={teacher_path}", f"output_dir={run}", f"student.timesteps={timesteps}",
@@ -270,7 +271,13 @@ def _run(teacher_path, tmp_path, *, rank, alpha, timesteps, seed=5):
     student = make_student(_unet(teacher_path), lora_config(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules))
     if rank:
         _perturb(student, seed)
-    save_student(student, run / "checkpoints" / "step-000001" / "student")
+    checkpoint = run / "checkpoints" / "step-000001"
+    save_student(student, checkpoint / "student")
+    # the rest of a complete checkpoint (Accelerate's state, stand-ins here) and distill.json last, as
+    # the trainer writes them: without them 'latest' passes the checkpoint over as torn
+    save_file({"w": torch.zeros(1)}, checkpoint / "model.safetensors")
+    torch.save({"step": 1}, checkpoint / "custom_checkpoint_0.pkl")
+    runs.write_checkpoint_info(checkpoint, step=1, timesteps=timesteps, teacher=str(teacher_path))
     return run, student
 
 
