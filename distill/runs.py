@@ -4,6 +4,7 @@ Run directory::
 
     config.yaml           the resolved recipe
     losses.jsonl          one line of losses per logged step (main process)
+    times.jsonl           the same steps' seconds per phase and samples per second (main process)
     logs/                 TensorBoard: losses, learning rates, sample grids
     samples/step-N.png    sample grids of the EMA student (fixed noise and labels)
     checkpoints/step-N/   accelerate state (models, optimizers, EMA, RNG, step) + student/
@@ -31,6 +32,7 @@ from distill.config import Config, from_dict
 from distill.errors import ConfigError
 
 CONFIG, LOSSES, SCORES, METRICS = "config.yaml", "losses.jsonl", "scores.jsonl", "metrics.json"
+TIMES = "times.jsonl"  # beside losses.jsonl: times differ between runs that log the same losses
 CHECKPOINTS, CHECKPOINT_PREFIX, BEST = "checkpoints", "step-", "best"
 STUDENT = "student"  # the student's weights inside a checkpoint (diffusers or peft format)
 CHECKPOINT_INFO = "distill.json"  # a checkpoint's step, timesteps and teacher
@@ -126,7 +128,7 @@ def forget_steps_after(output_dir: str | Path, step: int) -> None:
     """A resumed run at ``step``: drop what the lost steps logged, and a best checkpoint
     chosen among them (the resumed run chooses again)."""
     output_dir = Path(output_dir)
-    for log in (LOSSES, SCORES):
+    for log in (LOSSES, SCORES, TIMES):
         path = output_dir / log
         if path.is_file():
             rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]

@@ -11,7 +11,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from distill.config.schema import Config, EvalConfig
+from distill.config.schema import Config, EvalConfig, check_scale_settings
 from distill.errors import ConfigError, SettingError
 from distill.sections import check_model_dir, check_not_negative, check_positive, fail, local_or_hub
 
@@ -79,6 +79,7 @@ def _check(config: Config) -> None:
     m.check(num_steps=len(ts), backward_simulation=s.backward_simulation)
     s.lora.check("student.lora")
     _check_data(config)
+    check_scale_settings(config)
 
     local = local_or_hub(config.teacher.path)
     if local is not None and not (local / "model_index.json").is_file():
