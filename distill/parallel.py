@@ -62,17 +62,23 @@ def wrap_classes(model: nn.Module) -> list[str]:
     present = {type(m).__name__ for m in model.modules()}
     names: list[str] = []
     for module in model.modules():
-        no_split = getattr(module, "_no_split_modules", None)
-        if no_split is None or module is model:
+        if module is model or not hasattr(module, "_no_split_modules"):  # diffusers' and transformers' models have it
             continue
-        for name in [type(module).__name__, *no_split]:
+        for name in [type(module).__name__, *(module._no_split_modules or [])]:
             if name in present and name not in names:
                 names.append(name)
     return names
 
 
-def prepare_trained(accelerator: Accelerator, model: nn.Module, optimizer, schedule):
-    """``accelerator.prepare`` of one trained network with its optimizer and schedule."""
+def prepare_trained(accelerator: Accelerator, model: nn.Module, optimizer, schedule, *, micro_batch_size: int,
+                    max_grad_norm: float):
+    """``accelerator.prepare`` of one trained network with its optimizer and schedule. Under
+    DeepSpeed the engine is told the micro-batch (no DataLoader is prepared to tell it) and
+    clips at the recipe's ``train.max_grad_norm`` (it clips inside its own step)."""
+    if uses_deepspeed(accelerator):
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        config["gradient_clipping"] = max_grad_norm
     if accelerator.is_fsdp2:
         from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 

@@ -84,12 +84,13 @@ class DistillTrainer:
         optimizer_s, schedule_s = self._setup_optimizer(trainable_parameters(student), cfg.optim.student)
         self.critic = self.optimizer_c = self.lr_c = None  # a method without a critic
         # one prepare call per trained network (FSDP2 shards one model a call, DeepSpeed makes one engine each)
+        limits = dict(micro_batch_size=cfg.data.batch_size, max_grad_norm=cfg.train.max_grad_norm)
         self.student, self.optimizer_s, self.lr_s = parallel.prepare_trained(self.accelerator, student, optimizer_s,
-                                                                             schedule_s)
+                                                                             schedule_s, **limits)
         if critic is not None:
             optimizer_c, schedule_c = self._setup_optimizer(trainable_parameters(critic), cfg.optim.critic)
             self.critic, self.optimizer_c, self.lr_c = parallel.prepare_trained(self.accelerator, critic, optimizer_c,
-                                                                                schedule_c)
+                                                                                schedule_c, **limits)
         self.ema = self._setup_ema()
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state)
