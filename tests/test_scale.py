@@ -309,3 +309,30 @@ def test_the_accelerate_configs_parse(name, kind):
         assert stage == int(name[-1])
         if stage == 3:
             assert config.deepspeed_config["zero3_save_16bit_model"] is True  # get_state_dict gathers for checkpoints
+
+
+# --------------------------------------------------------------------------------- on a GPU (scripts/gpu_check.sh)
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_approximated_r1_under_half_precision_autocast_is_the_float32_penalty(dtype):
+    """APT's approximated R1 divides two nearly equal logits' difference by sigma^2 (sigma = 0.01):
+    ``regulariser_context`` runs that forward in float32 under any autocast, so the penalty is
+    the float32 one; left to autocast, half precision rounds the difference away."""
+    from distill.methods.common import regularised_inputs, regularised_penalty, regulariser_context
+
+    torch.manual_seed(0)
+    disc = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.SiLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(32, 1)).cuda()
+    real, fake = torch.randn(8, 4, 32, 32, device="cuda"), torch.randn(8, 4, 32, 32, device="cuda")
+
+    def penalty(autocast_dtype, context: bool) -> float:
+        inputs = regularised_inputs("approximated", fake, real, 0.01, torch.Generator("cuda").manual_seed(1))
+        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            with regulariser_context("approximated", "cuda") if context else torch.enable_grad():
+                logits = disc(torch.cat(inputs)).squeeze(1)
+        return regularised_penalty("approximated", logits, inputs, 0.01, torch.Generator("cuda").manual_seed(2))[0].item()
+
+    reference = penalty(None, True)
+    assert reference > 0
+    assert penalty(dtype, True) == pytest.approx(reference, rel=1e-4)
+    assert penalty(dtype, False) != pytest.approx(reference, rel=0.05)  # what the context prevents
