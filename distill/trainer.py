@@ -119,11 +119,13 @@ class DistillTrainer:
         return student, fake_score
 
     def _setup_optimizer(self, parameters, optim: config_lib.OptimizerConfig):
+        hyper = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
         if optim.name == "adamw8bit":
-            from bitsandbytes.optim import AdamW8bit as AdamW  # the config check made sure it is installed
-        else:
-            AdamW = torch.optim.AdamW
-        optimizer = AdamW(parameters, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+            from bitsandbytes.optim import AdamW8bit  # the config check made sure it is installed
+
+            optimizer = AdamW8bit(parameters, **hyper)
+        else:  # fused: one kernel over all tensors; on a CPU 4-5x faster than the default (docs/scale.md)
+            optimizer = torch.optim.AdamW(parameters, fused=True, **hyper)
         warmup = optim.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         return optimizer, schedule
