@@ -3,6 +3,7 @@
     python scripts/bench_scale.py --plan                                   # what each row needs, computed; runs nothing
     OMP_NUM_THREADS=2 python scripts/bench_scale.py --models sd15-half sd15 sdxl sd3 flux --out bench-scale-cpu.json
     python scripts/bench_scale.py --dry-run                                # every model and mode at tiny width, 2 steps
+    python scripts/bench_scale.py --table bench-scale-cpu.json             # the rows of --out as a markdown table
     python scripts/bench_scale.py --models sdxl --modes shared full --dtype bfloat16 --resolution 1024 --steps 3   # GPU
 
 Builds each denoiser from its published config (``scripts/scale_configs/``, random weights,
@@ -422,6 +423,31 @@ def row_overrides(model: str, mode: str, *, teacher: Path, data: dict, run: Path
     return out
 
 
+PHASES = ("critic", "generator", "optimizer", "data", "ema", "log")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows of ``--out`` as the table of docs/scale.md: measured where run, computed otherwise."""
+    lines = ["| model | mode | setting | res | params trained | weights GB | optimizer GB | peak GB (computed) "
+             "| step s | " + " | ".join(f"{p} s" for p in PHASES) + " | samples/s | fwd+bwd alone s | step / alone |",
+             "|" + "---|" * (12 + len(PHASES))]
+    for r in rows:
+        phases = r.get("phases") or {}
+        step = phases.get("time/step_s")
+        measured = "peak_gb" in r
+        cells = [r["model"], r["mode"], r.get("setting") or r.get("dtype", ""), str(r.get("resolution", "")),
+                 f"{(r['trained_params'] if measured else r['trained']) / 1e6:.1f}M",
+                 f"{r['weights_gb']:.2f}", f"{r['optimizer_gb']:.2f}",
+                 f"**{r['peak_gb']:.2f}** ({r['total_gb']:.2f})" if measured else f"not run ({r['total_gb']:.2f})"]
+        if measured and step:
+            cells += [f"{step:.2f}", *(f"{phases.get(f'time/{p}_s', 0.0):.2f}" for p in PHASES),
+                      f"{phases['time/samples_per_s']:.3f}", f"{r['alone_s']:.2f}", f"{step / r['alone_s']:.2f}"]
+        else:
+            cells += ["" for _ in range(len(PHASES) + 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -444,8 +470,12 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny widths, 2 steps: checks every code path in minutes")
     parser.add_argument("--work", type=Path, default=None, help="where pipelines and runs go (default: a temporary dir)")
     parser.add_argument("--out", type=Path, default=None, help="append each row as a JSON line here")
+    parser.add_argument("--table", type=Path, default=None, help="print the rows of this --out file as markdown; run nothing")
     parser.add_argument("--label", default="", help="a word for the table's setting column (e.g. bf16, ckpt)")
     args = parser.parse_args()
+    if args.table is not None:
+        print(markdown_table([json.loads(line) for line in args.table.read_text().splitlines()]))
+        return
 
     import torch
 

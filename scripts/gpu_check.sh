@@ -47,6 +47,7 @@ bench() {  # label, seconds, then bench_scale arguments
 bench sdxl-1024 140 --models sdxl --modes shared full --resolution 1024
 bench sd3-1024 70 --models sd3 --modes shared --resolution 1024
 bench flux-512 90 --models flux --modes shared full --resolution 512 --gradient-checkpointing
+[ -f "$OUT/bench.jsonl" ] && python scripts/bench_scale.py --table "$OUT/bench.jsonl" > "$OUT/bench.md"  # the docs/scale.md table
 
 # ---- FSDP2 and ZeRO-2 through accelerate launch, one GPU, a tiny SD pipeline
 python - "$WORK" <<'EOF' > "$WORK/tiny-args.txt"
