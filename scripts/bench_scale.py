@@ -19,7 +19,8 @@ Each row reports the peak memory (CPU: resident set, ``ru_maxrss``, above the pr
 its imports; CUDA: ``torch.cuda.max_memory_allocated``), the bytes of every live network's
 weights (shared storages once), of the weights the optimizers train and of their state, and
 the time of a step by phase from the run's own ``times.jsonl`` (the first step, warm-up,
-left out). ``fwd+bwd alone``: every denoiser call of those steps (network, adapter, batch,
+left out; ``best``: the fastest step against the fastest replays, less disturbed by other jobs
+on a shared machine). ``fwd+bwd alone``: every denoiser call of those steps (network, adapter, batch,
 grad or not) recorded, then each kind replayed alone, forward (and backward where the step
 backpropagated it) on the inputs the step gave it, and summed over the calls; ``step /
 alone`` is the overhead of everything else (data, optimizer, EMA, logging, Python).
@@ -300,8 +301,9 @@ class CallRecorder:
                                      for k, v in kwargs.items()})
         return record
 
-    def replay(self, repeats: int = 2) -> dict[tuple, float]:
-        """Seconds of each recorded kind of call run alone (the mean of ``repeats``): forward,
+    def replay(self, repeats: int = 2) -> dict[tuple, tuple[float, float]]:
+        """Seconds of each recorded kind of call run alone (the mean and the least of
+        ``repeats``): forward,
         and backward where the step ran it with grad (into the trained weights, or into the
         input where the network was frozen, as the GAN term's gradient reaches the sample)."""
         import torch
@@ -342,7 +344,7 @@ class CallRecorder:
                     p.grad = None
             for p, flag in zip(params, saved):
                 p.requires_grad_(flag)
-            seconds[key] = sum(times[1:]) / repeats
+            seconds[key] = (sum(times[1:]) / repeats, min(times[1:]))
         return seconds
 
 
@@ -388,13 +390,15 @@ def child(argv: list[str]) -> None:
     phases = {k: sum(t[k] for t in times) / len(times) for k in times[0]} if times else {}
     alone = recorder.replay()
     counted = max(len(steps_seen) - 1, 1)
-    alone_s = sum(recorder.counts[key] * seconds for key, seconds in alone.items()) / counted
+    alone_s = sum(recorder.counts[key] * seconds for key, (seconds, _) in alone.items()) / counted
+    alone_min_s = sum(recorder.counts[key] * least for key, (_, least) in alone.items()) / counted
     calls = {f"{k[0]}{'/grad' if k[2] else ''}{'/trained' if k[3] else ''}/b{k[4]}": v / counted
              for k, v in recorder.counts.items()}
     print("BENCH_ROW " + json.dumps({
         "peak_gb": peak / GB, "weights_gb": weights / GB, "trained_params": sum(p.numel() for p in trained),
         "trained_gb": _unique_bytes(trained) / GB, "optimizer_gb": _unique_bytes(state) / GB, "phases": phases,
-        "alone_s": alone_s, "calls_per_step": calls, "steps_timed": len(times),
+        "alone_s": alone_s, "alone_min_s": alone_min_s, "step_min_s": min(t["time/step_s"] for t in times) if times else None,
+        "calls_per_step": calls, "steps_timed": len(times),
         "device": torch.cuda.get_device_name() if cuda else "cpu", "threads": torch.get_num_threads(),
     }), flush=True)
 
@@ -429,8 +433,8 @@ PHASES = ("critic", "generator", "optimizer", "data", "ema", "log")
 def markdown_table(rows: list[dict]) -> str:
     """The rows of ``--out`` as the table of docs/scale.md: measured where run, computed otherwise."""
     lines = ["| model | mode | setting | res | params trained | weights GB | optimizer GB | peak GB (computed) "
-             "| step s | " + " | ".join(f"{p} s" for p in PHASES) + " | samples/s | fwd+bwd alone s | step / alone |",
-             "|" + "---|" * (12 + len(PHASES))]
+             "| step s | " + " | ".join(f"{p} s" for p in PHASES) + " | samples/s | fwd+bwd alone s | step / alone | best step / best alone |",
+             "|" + "---|" * (13 + len(PHASES))]
     for r in rows:
         phases = r.get("phases") or {}
         step = phases.get("time/step_s")
@@ -441,9 +445,10 @@ def markdown_table(rows: list[dict]) -> str:
                  f"**{r['peak_gb']:.2f}** ({r['total_gb']:.2f})" if measured else f"not run ({r['total_gb']:.2f})"]
         if measured and step:
             cells += [f"{step:.2f}", *(f"{phases.get(f'time/{p}_s', 0.0):.2f}" for p in PHASES),
-                      f"{phases['time/samples_per_s']:.3f}", f"{r['alone_s']:.2f}", f"{step / r['alone_s']:.2f}"]
+                      f"{phases['time/samples_per_s']:.3f}", f"{r['alone_s']:.2f}", f"{step / r['alone_s']:.2f}",
+                      f"{r['step_min_s'] / r['alone_min_s']:.2f}" if r.get("alone_min_s") else ""]
         else:
-            cells += ["" for _ in range(len(PHASES) + 4)]
+            cells += ["" for _ in range(len(PHASES) + 5)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
