@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sampling steps (default: the student's; with --solver and eval: 1, 2, 4, 8, 25 and 50)")
         p.add_argument("--solver", choices=["ddim", "dpmsolver++", "all"], default=None,
                        help="sample the target as a teacher with this stock diffusers solver (all: both)")
-        p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance for --solver")
+        p.add_argument("--guidance-scale", type=float, default=None,
+                       help="guidance for --solver: the CFG scale (1: none), or the embedded scale of a guidance-distilled "
+                            "teacher (FLUX.1-dev); default: the teacher's own (no CFG; FLUX.1-dev: its default 3.5)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--batch-size", type=int, default=config_lib.EvalConfig().batch_size, help="generation batch")
         p.add_argument("--prompts", default=None,

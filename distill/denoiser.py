@@ -16,6 +16,10 @@ Guidance is mixed here and nowhere else. An adapter declares its kind (``adapter
   embedding): ``adapter.with_guidance(cond, scale)`` puts it into the conditioning and the
   network runs once, at every scale (1 included);
 - ``None``: no guidance is possible (an unconditional network): the scale is ignored.
+
+A scale of None is the network's own: unguided for "cfg", the scale the conditioning carries
+or else the adapter's default for "embedded" (FLUX.1-dev's 3.5: students and fake scores,
+which DMD2 initialises at the teacher, run at it).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class Denoiser:
     ``prediction_type``: how ``x0`` reads the network's output (epsilon, v_prediction,
     sample, flow); None takes the adapter's, the checkpoint's own."""
 
-    def __init__(self, adapter: "Teacher", network: nn.Module, guidance_scale: float = 1.0,
+    def __init__(self, adapter: "Teacher", network: nn.Module, guidance_scale: float | None = None,
                  prediction_type: str | None = None):
         if adapter.guidance not in GUIDANCE_KINDS:
             raise ValueError(f"unknown guidance kind {adapter.guidance!r} of {type(adapter).__name__}; "
@@ -55,8 +59,8 @@ class Denoiser:
         t [B] (or one timestep for the batch)."""
         adapter, network, scale = self.adapter, self.network, self.guidance_scale
         if adapter.guidance == "embedded":
-            return adapter.output(network, x_t, t, adapter.with_guidance(cond, scale))
-        if adapter.guidance is None or scale == 1.0:
+            return adapter.output(network, x_t, t, cond if scale is None else adapter.with_guidance(cond, scale))
+        if adapter.guidance is None or scale is None or scale == 1.0:
             return adapter.output(network, x_t, t, cond)
         null = adapter.null_condition(cond)
         both = cat_conditions([null, cond] if adapter.null_first else [cond, null])

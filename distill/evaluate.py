@@ -30,7 +30,7 @@ from distill.data import reference_set
 from distill.features import extract, load_classifier, load_extractor
 from distill.runs import STUDENT, load_run
 from distill.sampling import draw, draw_student, sample_teacher
-from distill.schedulers import SOLVER_NAMES, baseline_solvers, solver_label
+from distill.schedulers import SOLVER_NAMES
 
 # (num, seed, clamp=True) -> (images [0, 1], labels): class labels [num] (class-conditional), the
 # prompts (text-conditioned: a list of num strings) or None (unconditional)
@@ -129,7 +129,7 @@ class _Scheduler:
         self.from_config = build
 
 
-def _pipeline_draw(teacher, scheduler_class, steps: int, *, guidance_scale: float, batch_size: int, device,
+def _pipeline_draw(teacher, scheduler_class, steps: int, *, guidance_scale: float | None, batch_size: int, device,
                    prompts: list[str] | None = None) -> Draw:
     """``draw`` for a diffusers pipeline's denoiser under a stock scheduler loop."""
 
@@ -143,40 +143,40 @@ def _steps(steps: int) -> str:
     return f"{steps} step{'s' * (steps > 1)}"
 
 
-def teacher_target(path: str, solver: str, steps: int, *, guidance_scale: float, batch_size: int, device="cpu",
+def teacher_target(path: str, solver: str, steps: int, *, guidance_scale: float | None, batch_size: int, device="cpu",
                    revision: str | None = None, prompts: list[str] | None = None) -> Target:
-    """The teacher (hub id or local pipeline directory) under DDIM or DPM-Solver++."""
-    from distill.schedules import FlowSchedule
+    """The teacher (hub id or local pipeline directory) under DDIM or DPM-Solver++ (the flow
+    Euler step and flow DPM-Solver++ for a flow-matching teacher: its adapter's
+    ``baseline_solvers``); ``guidance_scale`` None: the network's own."""
     from distill.teachers import load_teacher
 
     if solver not in SOLVER_NAMES:
         raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(SOLVER_NAMES)}")
     teacher = load_teacher(path, revision)
-    flow = isinstance(teacher.schedule, FlowSchedule)
     teacher.to(device)
-    target_draw = _pipeline_draw(teacher, _Scheduler(baseline_solvers(flow)[solver]), steps, guidance_scale=guidance_scale,
-                                 batch_size=batch_size, device=device, prompts=prompts)
-    return Target(f"teacher, {solver_label(solver, flow)}, {_steps(steps)}", steps, target_draw)
+    target_draw = _pipeline_draw(teacher, _Scheduler(teacher.baseline_solvers()[solver]), steps,
+                                 guidance_scale=guidance_scale, batch_size=batch_size, device=device, prompts=prompts)
+    return Target(f"teacher, {teacher.solver_label(solver)}, {_steps(steps)}", steps, target_draw)
 
 
 def export_target(path: str | Path, steps: int | None = None, *, batch_size: int, device="cpu",
                   prompts: list[str] | None = None) -> Target:
-    """An exported pipeline directory under its own (few-step) scheduler; ``steps`` defaults
-    to the number the student was trained for (from the export's recipe)."""
+    """An exported pipeline directory under its own (few-step) scheduler, unguided (an
+    embedded scale: the one it was trained at), at the size it was trained at; ``steps``
+    defaults to the number the student was trained for (from the export's recipe)."""
     import yaml
-    from diffusers import DiffusionPipeline
 
     from distill.export import RECIPE_FILE
-    from distill.teachers import teacher_from_pipeline
+    from distill.teachers import load_pipeline, teacher_from_pipeline
 
     path = Path(path)
-    pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True)
-    exported = teacher_from_pipeline(pipe)
+    recipe = yaml.safe_load((path / RECIPE_FILE).read_text()) if (path / RECIPE_FILE).is_file() else None
+    pipe = load_pipeline(str(path))
+    exported = teacher_from_pipeline(pipe, image_size=recipe["data"].get("resolution") if recipe else None)
     exported.to(device)
-    recipe = path / RECIPE_FILE
     if steps is None:
-        steps = len(yaml.safe_load(recipe.read_text())["student"]["timesteps"]) if recipe.is_file() else 1
-    target_draw = _pipeline_draw(exported, type(pipe.scheduler), steps, guidance_scale=1.0, batch_size=batch_size,
+        steps = len(recipe["student"]["timesteps"]) if recipe else 1
+    target_draw = _pipeline_draw(exported, type(pipe.scheduler), steps, guidance_scale=None, batch_size=batch_size,
                                  device=device, prompts=prompts)
     return Target(f"export {path.name}, {_steps(steps)}", steps, target_draw)
 
@@ -195,7 +195,7 @@ def run_target(run_dir: str | Path, checkpoint: str = "latest", steps: int | Non
     teacher = load_teacher(config.teacher.path, config.teacher.revision, dtype=dtype, image_size=config.data.resolution)
     teacher.to(device)
     student = load_student(teacher.denoiser, run.checkpoint / STUDENT).to(device)
-    sampler = FewStepSampler(config.student.timesteps[: steps or None], teacher.schedule)
+    sampler = FewStepSampler(config.student.timesteps[: steps or None], teacher.schedule, teacher.step_noise)
 
     def target_draw(num: int, seed: int, clamp: bool = True):
         return draw_student(teacher, student, sampler, num, seed, batch_size, device, prompts, clamp)

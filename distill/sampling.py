@@ -14,6 +14,7 @@ Two words, one meaning each:
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -72,19 +73,20 @@ def draw_student(teacher, student: nn.Module, sampler: FewStepSampler, num: int,
 
 
 @torch.no_grad()
-def sample_teacher(teacher, scheduler_class, num_steps: int, noise: Tensor, cond: dict, guidance_scale: float = 1.0,
-                   generator: torch.Generator | None = None) -> Tensor:
+def sample_teacher(teacher, scheduler_class, num_steps: int, noise: Tensor, cond: dict,
+                   guidance_scale: float | None = None, generator: torch.Generator | None = None) -> Tensor:
     """The teacher sampled with a stock diffusers scheduler (e.g. DDIMScheduler,
-    DPMSolverMultistepScheduler), built from the teacher's own scheduler config, its output
-    guided by ``guidance_scale``: the baseline a distilled student has to beat. Returns x0
-    [B, C, H, W]."""
+    DPMSolverMultistepScheduler), built from the teacher's own scheduler config and run as
+    the teacher's pipeline runs it (the adapter's ``set_timesteps``, ``initial_sample`` and
+    ``model_input``), its output guided by ``guidance_scale`` (None: the network's own): the
+    baseline a distilled student has to beat. Returns x0 [B, C, H, W]."""
     scheduler = scheduler_class.from_config(teacher.scheduler_config)
-    scheduler.set_timesteps(num_steps)
+    teacher.set_timesteps(scheduler, num_steps)
     real = Denoiser(teacher, teacher.denoiser, guidance_scale)
-    # flow-matching schedulers have neither: their x_t at sigma = 1 is the noise itself
-    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    x = teacher.initial_sample(scheduler, noise)
+    # the generator goes to steps that take one, as the pipelines pass it (PNDM's takes none)
+    extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        out = real.output(x_in, t.expand(x.shape[0]).to(x.device), cond)
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        out = real.output(teacher.model_input(scheduler, x, t), t.expand(x.shape[0]).to(x.device), cond)
+        x = scheduler.step(out, t, x, **extra).prev_sample
     return x

@@ -51,24 +51,36 @@ def _flow_scheduler(config: dict, shift: float, shift_terminal: float | None) ->
         use_beta_sigmas=False, stochastic_sampling=True)
 
 
-def _flow_timesteps(scheduler: FlowMatchEulerDiscreteScheduler, n: int) -> list[float]:
+SetTimesteps = Callable[[SchedulerMixin, int], object]  # (scheduler, N): sets its timesteps as a pipeline does
+
+
+def plain_set_timesteps(scheduler: SchedulerMixin, n: int) -> None:
+    """How most pipelines set a scheduler's timesteps: ``scheduler.set_timesteps(N)``."""
     scheduler.set_timesteps(n)
+
+
+def _timesteps(scheduler: SchedulerMixin, n: int, set_timesteps: SetTimesteps) -> list[float]:
+    set_timesteps(scheduler, n)
     return scheduler.timesteps.tolist()
 
 
-def _flow_few_step_scheduler(config: dict, timesteps: list[int], num_train: int) -> FlowMatchEulerDiscreteScheduler | None:
-    """The flow scheduler whose ``set_timesteps(N)`` gives ``timesteps`` (to float32 rounding), or None.
+def _flow_few_step_scheduler(config: dict, timesteps: list[int], num_train: int,
+                             set_timesteps: SetTimesteps) -> FlowMatchEulerDiscreteScheduler | None:
+    """The flow scheduler whose timesteps, set by ``set_timesteps(scheduler, N)``, are ``timesteps``
+    (to float32 rounding), or None.
 
-    ``set_timesteps(N)`` always starts at sigma = 1 (t = T, pure noise, as the student's first step
-    assumes) and, with shift s and shift_terminal, ends at sigma = shift_terminal; s bends the
-    spacing in between (s = 1: evenly spaced). The last timestep fixes shift_terminal; with three
-    or more steps the second fixes s (found by bisection on log s), the rest must then agree."""
+    Set as a pipeline sets them (its own base sigmas, e.g. ``set_timesteps(N)``'s linspace(1, 1/T, N)
+    or FLUX's linspace(1, 1/N, N)), they start at sigma = 1 (t = T, pure noise, as the student's
+    first step assumes) and, with shift s and shift_terminal, end at sigma = shift_terminal; s
+    bends the spacing in between (s = 1: the base sigmas). The last timestep fixes shift_terminal;
+    with three or more steps the second fixes s (found by bisection on log s), the rest must then
+    agree."""
     n = len(timesteps)
     if timesteps[0] != num_train:
         return None
 
     def matches(scheduler) -> bool:
-        return all(abs(a - b) <= _FLOW_TIMESTEP_TOLERANCE for a, b in zip(_flow_timesteps(scheduler, n), timesteps))
+        return all(abs(a - b) <= _FLOW_TIMESTEP_TOLERANCE for a, b in zip(_timesteps(scheduler, n, set_timesteps), timesteps))
 
     terminal = timesteps[-1] / num_train if n > 1 else None
     if n <= 2:
@@ -76,7 +88,7 @@ def _flow_few_step_scheduler(config: dict, timesteps: list[int], num_train: int)
         return scheduler if matches(scheduler) else None
 
     def second(log_shift: float) -> float:  # the second timestep minus the student's
-        return _flow_timesteps(_flow_scheduler(config, float(np.exp(log_shift)), terminal), n)[1] - timesteps[1]
+        return _timesteps(_flow_scheduler(config, float(np.exp(log_shift)), terminal), n, set_timesteps)[1] - timesteps[1]
 
     grid = np.linspace(-8.0, 8.0, 65)  # shifts from 3e-4 to 3e3
     values = [second(g) for g in grid]
@@ -91,9 +103,12 @@ def _flow_few_step_scheduler(config: dict, timesteps: list[int], num_train: int)
     return None
 
 
-def few_step_scheduler(teacher_scheduler_config: dict, timesteps: list[int]) -> SchedulerMixin:
-    """A stock diffusers scheduler whose ``set_timesteps(len(timesteps))`` gives ``timesteps``
-    and whose ``step`` is the student's update (x0, then fresh-noise re-noising).
+def few_step_scheduler(teacher_scheduler_config: dict, timesteps: list[int],
+                       set_timesteps: SetTimesteps = plain_set_timesteps) -> SchedulerMixin:
+    """A stock diffusers scheduler whose timesteps for ``len(timesteps)`` steps, set as the
+    teacher's pipeline sets them (``set_timesteps(scheduler, N)``, the adapter's
+    ``pipeline_set_timesteps``; default ``scheduler.set_timesteps(N)``), are ``timesteps``, and
+    whose ``step`` is the student's update (x0, then fresh-noise re-noising).
 
     Flow-matching teachers (``FlowSchedule``) get a ``FlowMatchEulerDiscreteScheduler`` with
     ``stochastic_sampling``; its timesteps are floats equal to the student's integers up to
@@ -106,7 +121,7 @@ def few_step_scheduler(teacher_scheduler_config: dict, timesteps: list[int]) -> 
         schedule = None
     if isinstance(schedule, FlowSchedule):
         num_train = schedule.num_train_timesteps
-        scheduler = _flow_few_step_scheduler(teacher_scheduler_config, list(timesteps), num_train)
+        scheduler = _flow_few_step_scheduler(teacher_scheduler_config, list(timesteps), num_train, set_timesteps)
         if scheduler is not None:
             return scheduler
         step = (num_train - timesteps[-1]) // (n - 1) if n > 1 else 0  # whole steps: shift 1 gives them exactly
@@ -114,7 +129,8 @@ def few_step_scheduler(teacher_scheduler_config: dict, timesteps: list[int]) -> 
         hint = (f"with {n} steps use e.g. {even} (evenly spaced in whole steps down to about the last), "
                 "or a spacing one shift gives" if n > 1 else f"a single step is at {num_train}")
         raise ValueError(
-            f"no stock FlowMatchEulerDiscreteScheduler reproduces the timesteps {list(timesteps)} from set_timesteps({n}): "
+            f"no stock FlowMatchEulerDiscreteScheduler reproduces the timesteps {list(timesteps)} from the pipeline's "
+            f"set_timesteps({n}): "
             f"a flow student's first timestep is {num_train} (pure noise); {hint}"
         )
     # each x0 is clipped / thresholded as the teacher's scheduler does it (schedules.clip_x0)
@@ -127,24 +143,22 @@ def few_step_scheduler(teacher_scheduler_config: dict, timesteps: list[int]) -> 
         timestep_scaling=_LCM_TIMESTEP_SCALING,
         **common,
     )
-    lcm.set_timesteps(n)
-    if lcm.timesteps.tolist() == list(timesteps):
+    if _timesteps(lcm, n, set_timesteps) == list(timesteps):
         return lcm
     if schedule is not None and n > 1 and timesteps[0] + 1 < schedule.num_train_timesteps:
         truncated = _truncated_lcm(schedule, teacher_scheduler_config, timesteps[0] + 1, n, common)
-        if truncated.timesteps.tolist() == list(timesteps):
+        if _timesteps(truncated, n, set_timesteps) == list(timesteps):
             return truncated
     if n == 1:
         ddim = DDIMScheduler.from_config(
             _accepted(DDIMScheduler, teacher_scheduler_config), timestep_spacing="leading", steps_offset=int(timesteps[0]), set_alpha_to_one=True, **common)
-        ddim.set_timesteps(1)
-        if ddim.timesteps.tolist() == list(timesteps):
+        if _timesteps(ddim, 1, set_timesteps) == list(timesteps):
             return ddim
     first = (timesteps[0] + 1) // n * n  # the nearest T' below the first timestep that n divides
     below = [first - 1 - i * (first // n) for i in range(n)]
     raise ValueError(
         f"no stock diffusers scheduler reproduces the timesteps {list(timesteps)} from set_timesteps({n}); "
-        f"with {n} steps use {lcm.timesteps.tolist()} or one that starts lower, such as {below} (LCMScheduler: "
+        f"with {n} steps use {_timesteps(lcm, n, set_timesteps)} or one that starts lower, such as {below} (LCMScheduler: "
         f"T'/{n} apart down from T' - 1, for any T' that {n} divides), or a single step at any timestep"
     )
 
@@ -165,15 +179,16 @@ def _truncated_lcm(schedule, config: dict, num_train: int, n: int, common: dict)
     return lcm
 
 
-def baseline_solvers(flow: bool = False) -> dict[str, Callable]:
+def baseline_solvers(flow_shift: float | None = None) -> dict[str, Callable]:
     """The baseline solvers by name, configured from a teacher's scheduler config. On a
-    flow-matching schedule "ddim" is its deterministic analogue, the flow Euler step, and
-    DPM-Solver++ runs on flow sigmas with the teacher's shift."""
-    if flow:
+    flow-matching schedule (``flow_shift``: the teacher's shift at its image size, which for a
+    resolution-dependent one is not the config's) "ddim" is its deterministic analogue, the
+    flow Euler step, and DPM-Solver++ runs on flow sigmas with that shift."""
+    if flow_shift is not None:
         def dpmsolver(config):
             return DPMSolverMultistepScheduler.from_config(
                 config, algorithm_type="dpmsolver++", use_flow_sigmas=True, prediction_type="flow_prediction",
-                flow_shift=schedule_from_config(config).shift)
+                flow_shift=flow_shift, use_dynamic_shifting=False)
 
         return {"ddim": FlowMatchEulerDiscreteScheduler.from_config, "dpmsolver++": dpmsolver}
     return {

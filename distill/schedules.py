@@ -130,6 +130,11 @@ class DDPMSchedule(_Schedule):
             return x0.clamp(-self.clip_sample_range, self.clip_sample_range)
         return x0
 
+    @property
+    def last_timestep(self) -> int:
+        """The largest timestep a student may use: T - 1 (the integers 0 .. T - 1)."""
+        return self.num_train_timesteps - 1
+
     def _alpha_sigma64(self, t: Tensor) -> tuple[Tensor, Tensor]:
         acp = self.alphas_cumprod[t.long().clamp(0, self.num_train_timesteps - 1)]
         return acp.sqrt(), (1 - acp).sqrt()
@@ -155,6 +160,11 @@ class FlowSchedule(_Schedule):
         self.shift = float(shift)
         self.use_dynamic_shifting = bool(use_dynamic_shifting)
         self.prediction_type = "flow"
+
+    @property
+    def last_timestep(self) -> int:
+        """The largest timestep a student may use: T (sigma = 1, pure noise, where a flow student starts)."""
+        return self.num_train_timesteps
 
     def _alpha_sigma64(self, t: Tensor) -> tuple[Tensor, Tensor]:
         sigma = t.to(torch.float64) / self.num_train_timesteps

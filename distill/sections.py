@@ -63,10 +63,11 @@ def check_model_dir(key: str, path: str, what: str) -> None:
 class LoraConfig:
     rank: int = setting(0, "LoRA rank (0: train every weight, no LoRA)")
     alpha: Optional[float] = setting(None, "LoRA alpha (scale alpha / rank); null = rank, a scale of 1")
-    target_modules: list[str] = setting(
-        ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
-         "conv_shortcut", "time_emb_proj"],
-        "module names (suffixes, as peft matches them) that get LoRA adapters",
+    target_modules: Optional[list[str]] = setting(
+        None,
+        "module names (suffixes, as peft matches them) that get LoRA adapters; null = the teacher adapter's default "
+        "(UNets: attention, feed-forward and ResNet convolutions; transformers: attention and feed-forward), written "
+        "into the run's config.yaml",
     )
 
     def check(self, key: str) -> None:
@@ -75,5 +76,5 @@ class LoraConfig:
             fail(f"{key}.rank", f"must be 0 (no LoRA) or positive, got {self.rank}")
         if self.alpha is not None and self.alpha <= 0:
             fail(f"{key}.alpha", f"must be positive, got {self.alpha}")
-        if self.rank > 0 and not self.target_modules:
+        if self.rank > 0 and self.target_modules is not None and not self.target_modules:
             fail(f"{key}.target_modules", "a LoRA needs at least one target module")

@@ -66,7 +66,8 @@ class DistillTrainer:
         self.device = self.accelerator.device
         self.timer = PhaseTimer(self.device)
         self.teacher = self._setup_teacher()
-        self.sampler = FewStepSampler(cfg.student.timesteps, self.teacher.schedule)
+        config_lib.fill_teacher_defaults(cfg, self.teacher)  # e.g. LoRA targets left null: the adapter's
+        self.sampler = FewStepSampler(cfg.student.timesteps, self.teacher.schedule, self.teacher.step_noise)
         self.method = cfg.method.build(teacher=self.teacher, sampler=self.sampler, guidance_scale=cfg.teacher.guidance_scale,
                                        backward_simulation=cfg.student.backward_simulation)
         self.needs_images = cfg.method.needs_real_images(num_steps=len(cfg.student.timesteps),

@@ -288,6 +288,33 @@ def latent_recipe_overrides(recipe: str, teacher: Path, data: Path, output_dir: 
     return tiny_overrides(teacher, None, output_dir, **values)
 
 
+def student_images_as_the_pipeline_draws(run_dir: Path, prompts=None, seed: int = 0, num: int | None = None):
+    """A run's student (latest checkpoint) sampled as its stock pipeline samples it when called
+    with ``generator=torch.Generator().manual_seed(seed)`` after ``torch.manual_seed(seed)``:
+    the initial noise from that generator, each re-noising drawn as the pipeline's
+    ``scheduler.step`` draws it (the adapter's ``step_noise``), from the same generator where the
+    pipeline passes it to the step, else from one seeded like the global RNG. ``num``: images
+    (default: one per prompt). Returns (images [num, C, H, W] in [0, 1], their prompts / labels)."""
+    from distill.denoiser import Denoiser
+    from distill.runs import STUDENT, load_run
+    from distill.sampling import draw
+    from distill.students import FewStepSampler, load_student
+    from distill.teachers import load_teacher
+
+    run = load_run(run_dir)
+    config = run.config
+    teacher = load_teacher(config.teacher.path, config.teacher.revision, image_size=config.data.resolution)
+    G = Denoiser(teacher, load_student(teacher.denoiser, run.checkpoint / STUDENT))
+    sampler = FewStepSampler(config.student.timesteps, teacher.schedule, teacher.step_noise)
+
+    def sample(noise, cond, generator):
+        step_generator = generator if teacher.step_uses_generator else torch.Generator().manual_seed(seed)
+        return sampler.sample(lambda x_t, t: G.x0(x_t, t, cond), noise, step_generator)
+
+    num = num or len(prompts)
+    return draw(teacher, sample, num, seed, num, "cpu", prompts)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """torch on one thread for a module's tests (tiny models, where threads add overhead)."""

@@ -17,6 +17,7 @@ from distill import config as config_lib
 from distill.export import KOHYA_DIR, KOHYA_FILE, LORA_DIR, export
 from distill.methods import Critic
 from distill.schedules import schedule_from_config
+from distill.teachers import StableDiffusionTeacher
 from distill.students import (
     FewStepSampler,
     LoraRole,
@@ -34,7 +35,7 @@ from distill.students import (
 )
 
 RECIPE = str(REPO / "recipes" / "digits-dmd2-1step.yaml")
-TARGETS = config_lib.LoraConfig().target_modules  # the recipe default: attention, feed-forward and resnet layers
+TARGETS = list(StableDiffusionTeacher.lora_target_modules)  # the adapter default: attention, feed-forward and resnet layers
 
 
 def _unet(path) -> UNet2DConditionModel:
@@ -263,6 +264,7 @@ def _run(teacher_path, tmp_path, *, rank, alpha, timesteps, seed=5):
                                       f"student.lora.rank={rank}", f"student.lora.alpha={alpha}", "eval.every=0",
                                       "eval.features=[]"])
     run.mkdir()
+    config_lib.fill_teacher_defaults(config, StableDiffusionTeacher)  # as the trainer does
     config_lib.dump(config, run / "config.yaml")
     lora = config.student.lora
     student = make_student(_unet(teacher_path), lora_config(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules))

@@ -16,6 +16,7 @@ from torch import nn
 
 from distill.export.lora import kohya_state_dict, save_diffusers_lora, save_kohya_lora
 from distill.schedulers import few_step_scheduler
+from distill.teachers import StableDiffusionTeacher
 from distill.lora_extract import extract_lora, image_distance, lora_fit, pipeline_image_distance, pipeline_images
 
 PROMPTS = ["a red cube", "two cats"]
@@ -114,7 +115,7 @@ def test_kohya_file_has_kohya_names_rank_and_alpha(tiny_sd, tmp_path, one_thread
     student_unet = _perturbed(teacher_pipe.unet, seed=2)
     rank = _full_rank(teacher_pipe.unet)
     config, state = extract_lora(teacher_pipe.unet, student_unet, rank=rank)
-    kohya = kohya_state_dict("unet", state, config)
+    kohya = kohya_state_dict(StableDiffusionTeacher.kohya_prefix, state, config)
     modules = _lora_layers(teacher_pipe.unet)
     assert len(kohya) == 3 * len(modules)
     for peft_name, kohya_name in [("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -124,7 +125,7 @@ def test_kohya_file_has_kohya_names_rank_and_alpha(tiny_sd, tmp_path, one_thread
         assert torch.equal(kohya[f"{kohya_name}.lora_down.weight"], state[f"{peft_name}.lora_A.weight"])
         assert torch.equal(kohya[f"{kohya_name}.lora_up.weight"], state[f"{peft_name}.lora_B.weight"])
         assert kohya[f"{kohya_name}.lora_down.weight"].shape[0] == rank and float(kohya[f"{kohya_name}.alpha"]) == rank
-    file = save_kohya_lora("unet", state, config, tmp_path / "kohya" / "extracted.safetensors")
+    file = save_kohya_lora(StableDiffusionTeacher.kohya_prefix, state, config, tmp_path / "kohya" / "extracted.safetensors")
     with safe_open(file, "pt") as f:
         assert f.metadata()["ss_network_dim"] == str(rank) and f.metadata()["ss_network_alpha"] == str(rank)
 

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from distill.schedulers import few_step_scheduler
-from distill.single_file import save_single_file, single_file_state_dict, unet_to_ldm
+from distill.teachers.single_file import save_single_file, single_file_state_dict, unet_to_ldm
 
 PROMPTS = ["a red cube", "two cats"]
 
@@ -208,7 +208,7 @@ def test_real_size_layout_is_what_from_single_file_detects(model_type, one_threa
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from distill.single_file import SD1_TEXT, SD2_TEXT, SDXL_TEXT, SDXL_TEXT_2, UNET_PREFIX, clip_to_ldm, open_clip_to_ldm
+    from distill.teachers.single_file import SD1_TEXT, SD2_TEXT, SDXL_TEXT, SDXL_TEXT_2, UNET_PREFIX, clip_to_ldm, open_clip_to_ldm
 
     text = lambda cls, name: cls(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **REAL_TEXT[name]))
     with init_empty_weights():

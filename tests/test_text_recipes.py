@@ -1,7 +1,8 @@
 """The text-to-image recipes end to end on tiny pipelines: each shipped SD / SDXL recipe,
 pointed at a tiny pipeline saved by the test and at data the test writes, trains a few
 steps through the real entry point, exports, loads in stock diffusers and generates what
-the student generates."""
+the student generates. The LoRA recipes' LoRA exports (diffusers and kohya) are checked by
+tests/test_conformance.py, which trains them on the tiny SD and SDXL pipelines."""
 
 from __future__ import annotations
 
@@ -129,41 +130,3 @@ def test_cli_eval_and_sample_on_a_text_run_and_its_export(tiny_sd, tiny_dinov2, 
     assert row["fd_dinov2"] > 0 and "clip_score" in row
     main(["sample", str(tmp_path / "export"), "--num", "4", "--prompts", str(prompts), "--out", str(tmp_path / "grid.png")])
     assert (tmp_path / "grid.png").is_file()
-
-
-@pytest.mark.parametrize("name, teacher_fixture", [("sd15-dmd2-4step-lora", "tiny_sd"), ("sdxl-dmd2-4step-lora", "tiny_sdxl")])
-def test_lora_recipe_trains_on_one_shared_base_and_every_export_loads(name, teacher_fixture, text_data, tmp_path, request):
-    from diffusers import DiffusionPipeline, LCMScheduler
-    from safetensors.torch import load_file
-
-    from distill.evaluate import run_target
-    from distill.export import export
-
-    teacher = request.getfixturevalue(teacher_fixture)
-    run = tmp_path / "run"
-    lora = {"student.lora.rank": 4, "student.lora.alpha": 2, "method.fake_score_lora.rank": 4, "train.ema_decay": 0.5}
-    train.main([RECIPES[name], *_overrides(name, teacher, text_data, run, **lora)])
-    student_dir = sorted((run / "checkpoints").glob("step-*"))[-1] / "student"
-    assert (student_dir / "adapter_config.json").is_file() and not (student_dir / "config.json").exists()
-
-    out = export(run, tmp_path / "export")
-    steps, prompts = 4, PROMPTS[:2]
-    target, _ = run_target(run, batch_size=2, prompts=prompts)
-    student_images, _ = target.draw(2, 3)
-    fused = _pipeline_images(out, steps, prompts, seed=3)  # (a) the fused pipeline
-    torch.testing.assert_close(torch.from_numpy(fused).permute(0, 3, 1, 2), student_images, atol=1e-4, rtol=0)
-
-    pipe = DiffusionPipeline.from_pretrained(teacher)  # (b) the diffusers LoRA on the original teacher pipeline
-    pipe.load_lora_weights(out / "lora")
-    pipe.scheduler = LCMScheduler.from_pretrained(out, subfolder="scheduler")
-    on_teacher = pipe(prompts, num_inference_steps=steps, guidance_scale=0.0, generator=torch.Generator().manual_seed(3),
-                      output_type="np").images
-    np.testing.assert_allclose(on_teacher, fused, atol=1e-4, rtol=0)
-
-    kohya = load_file(out / "kohya" / "distill_lora.safetensors")  # (c) kohya / ComfyUI names
-    downs = [k for k in kohya if k.endswith(".lora_down.weight")]
-    assert downs and all(k.startswith("lora_unet_") for k in kohya)
-    assert all(k.replace(".lora_down.weight", ".lora_up.weight") in kohya and k.replace(".lora_down.weight", ".alpha") in kohya
-               for k in downs)
-    assert any("_attn2_to_k.lora_down.weight" in k for k in downs)
-    assert all(float(kohya[k.replace(".lora_down.weight", ".alpha")]) == 2.0 for k in downs)

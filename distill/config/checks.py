@@ -27,11 +27,27 @@ def keyed_errors(source: str):
 
 def teacher_scheduler_config(path: str, revision: str | None = None) -> dict | None:
     """The teacher's scheduler config read from a local directory (no weights), else None."""
+    return _local_json(path, "scheduler/scheduler_config.json")
+
+
+def _local_json(path: str, name: str) -> dict | None:
     local = local_or_hub(path)
-    if local is None:
+    candidate = local / name if local is not None else None
+    return json.loads(candidate.read_text()) if candidate is not None and candidate.is_file() else None
+
+
+def teacher_adapter_class(path: str) -> type | None:
+    """The adapter class a local teacher's model_index.json picks (no weights load), else None
+    (a hub id: checked when it loads)."""
+    from distill.teachers import adapter_class
+
+    index = _local_json(path, "model_index.json")
+    if index is None:
         return None
-    candidate = local / "scheduler" / "scheduler_config.json"
-    return json.loads(candidate.read_text()) if candidate.is_file() else None
+    try:
+        return adapter_class(index, path)
+    except ValueError as err:
+        fail("teacher.path", str(err))
 
 
 def validate(config: Config, source: str) -> None:
@@ -58,7 +74,7 @@ def _check(config: Config) -> None:
         "train.sample_every": t.sample_every,
         "eval.every": config.eval.every,
         "train.max_grad_norm": t.max_grad_norm,
-        "teacher.guidance_scale": config.teacher.guidance_scale,
+        **({"teacher.guidance_scale": config.teacher.guidance_scale} if config.teacher.guidance_scale is not None else {}),
     })
     if not 0.0 <= t.ema_decay < 1.0:
         fail("train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
@@ -85,29 +101,30 @@ def _check(config: Config) -> None:
     if local is not None and not (local / "model_index.json").is_file():
         where = "does not exist" if not local.exists() else "has no model_index.json"
         fail("teacher.path", f"{local.resolve()} {where} (give a diffusers pipeline directory or a hub id)")
+    adapter = teacher_adapter_class(config.teacher.path)
     scheduler = teacher_scheduler_config(config.teacher.path, config.teacher.revision)
-    if scheduler is not None:
-        _check_timesteps(config, scheduler)
+    if adapter is not None and scheduler is not None:
+        _check_timesteps(config, scheduler, adapter)
     check_eval(config.eval)
     if config.resume not in (None, "latest") and not Path(config.resume).is_dir():
         fail("resume", f"checkpoint directory {Path(config.resume).resolve()} does not exist")
 
 
-def _check_timesteps(config: Config, scheduler: dict) -> None:
-    """The student's timesteps and the method's against the teacher's scheduler config."""
+def _check_timesteps(config: Config, scheduler: dict, adapter: type) -> None:
+    """The student's timesteps and the method's against the teacher's scheduler config, and
+    whether an export's scheduler can give them under the pipeline's call (the adapter class's
+    ``pipeline_set_timesteps``, as the export builds it)."""
     from distill.schedulers import few_step_scheduler
-    from distill.schedules import FlowSchedule, schedule_from_config
+    from distill.schedules import schedule_from_config
 
     schedule = schedule_from_config(scheduler)
-    num_train = schedule.num_train_timesteps
-    # a flow-matching teacher's t = T is pure noise (sigma = 1): a flow student starts there
-    last = num_train if isinstance(schedule, FlowSchedule) else num_train - 1
+    last = schedule.last_timestep  # a flow-matching teacher's t = T is pure noise (sigma = 1): a flow student starts there
     ts = config.student.timesteps
     for key, value in {"student.timesteps": max(ts), **config.method.timestep_settings()}.items():
         if value > last:
-            fail(key, f"{value} is beyond the teacher's {num_train} training timesteps (at most {last})")
+            fail(key, f"{value} is beyond the teacher's {schedule.num_train_timesteps} training timesteps (at most {last})")
     try:
-        few_step_scheduler(scheduler, ts)
+        few_step_scheduler(scheduler, ts, set_timesteps=adapter.pipeline_set_timesteps)
     except ValueError as err:
         fail("student.timesteps", str(err))
 

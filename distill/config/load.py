@@ -24,6 +24,7 @@ from distill.config.checks import check_eval, keyed_errors, validate
 from distill.config.schema import Config
 from distill.errors import ConfigError
 from distill.methods import METHODS
+from distill.sections import LoraConfig
 
 
 def _describe(tp: Any) -> str:
@@ -190,6 +191,20 @@ def from_dict(data: dict, source: str) -> Config:
     config = _build(Config(), data, "", source)
     config.method.resolve()
     return config
+
+
+def fill_teacher_defaults(config: Config, teacher) -> None:
+    """Fill the settings left null for the teacher adapter to choose (written so into
+    config.yaml): the target modules of every LoRA section (``teacher.lora_target_modules``)."""
+    def fill(section: Any) -> None:
+        if isinstance(section, LoraConfig) and section.target_modules is None:
+            section.target_modules = list(teacher.lora_target_modules)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                fill(value)
+
+    fill(config)
 
 
 def to_dict(config: Config) -> dict:

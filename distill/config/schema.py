@@ -21,7 +21,9 @@ class TeacherConfig:
         "diffusers checkpoint of the teacher: a hub id or a local pipeline directory (model_index.json)",
     )
     revision: Optional[str] = setting(None, "hub revision (branch, tag or commit) of `path`")
-    guidance_scale: float = setting(1.0, "classifier-free guidance scale of the real score (1 = no guidance)")
+    guidance_scale: Optional[float] = setting(
+        1.0, "guidance of the real score: the CFG scale (1 = none), or the embedded scale of a guidance-distilled "
+        "teacher (FLUX.1-dev; its students and fake scores run at the teacher's own, 3.5); null = the teacher's own")
     dtype: Literal["float32", "float16", "bfloat16"] = setting(
         "float32", "dtype of the frozen teacher parts (denoiser, VAE, text encoders); trainable copies stay float32"
     )

@@ -1,8 +1,11 @@
 """Student -> a diffusers pipeline directory that stock diffusers loads and samples.
 
 The exported scheduler is a stock diffusers class (``distill.schedulers.few_step_scheduler``:
-LCM, DDIM or flow Euler) configured so that the standard loop (``scheduler.set_timesteps(N)``,
-then the model and ``scheduler.step`` per timestep) reproduces the student's sampler exactly.
+LCM, DDIM or flow Euler) configured so that the pipeline's own loop (its timesteps for N steps,
+set as the teacher adapter's ``pipeline_set_timesteps`` says it sets them, then the model and
+``scheduler.step`` per timestep) reproduces the student's sampler exactly. Every fact of the
+teacher's family that the export needs (the denoiser's component, kohya names, the call that
+samples the student, the trained size) is its adapter's.
 
 A LoRA student is exported three ways (``FORMATS``): the pipeline with the LoRA fused into
 its denoiser; ``lora/``, diffusers' LoRA format for ``pipe.load_lora_weights`` on the
@@ -13,19 +16,17 @@ teacher's own pipeline; and ``kohya/``, the same weights under kohya / ComfyUI k
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Sequence
 
-import torch
 import yaml
-from diffusers import DiffusionPipeline
 
 from distill.export.card import model_card
 from distill.export.lora import KOHYA_DIR, KOHYA_FILE, LORA_DIR, save_diffusers_lora, save_kohya_lora
 from distill.runs import STUDENT, load_run, read_metrics
 from distill.schedulers import few_step_scheduler
-from distill.students import ADAPTER_WEIGHTS, fuse, is_lora_checkpoint, load_student, lora_state_dict
+from distill.students import fuse, is_lora_checkpoint, load_student, lora_state_dict
+from distill.teachers import load_pipeline, teacher_from_pipeline
 
 FORMATS = ("pipeline", "lora", "kohya")
 RECIPE_FILE = "distill_recipe.yaml"  # the run's resolved recipe, beside the model card
@@ -45,17 +46,14 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
     run = load_run(run_dir, checkpoint)
     student_dir = run.checkpoint / STUDENT
     teacher_path, revision, timesteps = run.config.teacher.path, run.config.teacher.revision, run.config.student.timesteps
-    # components saved as [null, null] (e.g. SD3 without T5) load only when passed as None again
-    absent = {k: None for k, v in DiffusionPipeline.load_config(teacher_path, revision=revision).items()
-              if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None}
-    pipe = DiffusionPipeline.from_pretrained(teacher_path, revision=revision, use_safetensors=True, **absent)
+    pipe = load_pipeline(teacher_path, revision)
     lora = is_lora_checkpoint(student_dir)
     resolution = run.config.data.resolution  # trained at another size than the checkpoint's default
-    teacher = _teacher_or_none(pipe, resolution)
-    scheduler_config = teacher.scheduler_config if teacher else {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
-    scheduler = few_step_scheduler(scheduler_config, timesteps)
-    component = _denoiser_component(pipe, teacher, student_dir)
-    formats = _formats(formats, lora, type(pipe), component)
+    teacher = teacher_from_pipeline(pipe, image_size=resolution)
+    # the timesteps the pipeline's call gives are the student's (set as the adapter says the pipeline sets them)
+    scheduler = few_step_scheduler(teacher.scheduler_config, timesteps, set_timesteps=teacher.pipeline_set_timesteps)
+    component = teacher.component
+    formats = _formats(formats, lora, type(pipe), teacher.kohya_prefix)
     teacher_denoiser = pipe.components[component]
     denoiser_class = type(teacher_denoiser).__name__
     out_dir = Path(out_dir)
@@ -69,17 +67,17 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
         if "lora" in formats:
             save_diffusers_lora(type(pipe), component, state, lora_config, out_dir / LORA_DIR)
         if "kohya" in formats:
-            save_kohya_lora(component, state, lora_config, out_dir / KOHYA_DIR / KOHYA_FILE)
+            save_kohya_lora(teacher.kohya_prefix, state, lora_config, out_dir / KOHYA_DIR / KOHYA_FILE)
         student = fuse(student)  # pipe's own denoiser, now with the LoRA merged
     if "pipeline" in formats:
-        if resolution is not None and teacher is not None and hasattr(student.config, "sample_size"):
-            # the pipelines' default height / width is sample_size x the VAE factor: make it the trained size
-            student.register_to_config(sample_size=teacher.sample_shape[-1])
+        if resolution is not None:  # the pipeline's default height / width: the trained size, where it can be
+            teacher.register_sample_size(student)
         pipe.register_modules(**{component: student, "scheduler": scheduler})
         pipe.save_pretrained(out_dir, safe_serialization=True)
     else:
         scheduler.save_pretrained(out_dir / "scheduler")
 
+    call = inspect.signature(type(pipe).__call__).parameters
     (out_dir / "README.md").write_text(
         model_card(
             teacher=teacher_path,
@@ -88,26 +86,29 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
             scheduler=type(scheduler).__name__,
             component=component,
             denoiser_class=denoiser_class,
-            num_classes=teacher.num_classes if teacher else None,
+            num_classes=teacher.num_classes,
             metrics=read_metrics(run_dir),
             checkpoint=run.checkpoint.name,
-            text="prompt" in inspect.signature(type(pipe).__call__).parameters,
-            label_call="class_labels" in inspect.signature(type(pipe).__call__).parameters,
+            text="prompt" in call,
+            label_call="class_labels" in call,
             formats=formats,
             lora=lora_info,
             image_size=resolution,
+            call_kwargs=teacher.pipeline_kwargs(),
+            embedded_guidance=teacher.guidance == "embedded",
+            global_rng=not teacher.step_uses_generator,
         )
     )
     (out_dir / RECIPE_FILE).write_text(yaml.safe_dump(run.recipe, sort_keys=False))
     return out_dir
 
 
-def _formats(requested: Sequence[str] | None, lora: bool, pipeline_class: type, component: str) -> tuple[str, ...]:
+def _formats(requested: Sequence[str] | None, lora: bool, pipeline_class: type, kohya_prefix: str | None) -> tuple[str, ...]:
     has_loader = hasattr(pipeline_class, "save_lora_weights")
     if requested is None:
         if not (lora and has_loader):
             return ("pipeline",)
-        return FORMATS if component == "unet" else ("pipeline", "lora")  # kohya keys name UNet modules only
+        return FORMATS if kohya_prefix is not None else ("pipeline", "lora")  # kohya names only some families' modules
     requested = tuple(requested)
     unknown = [f for f in requested if f not in FORMATS]
     if unknown or not requested:
@@ -119,37 +120,7 @@ def _formats(requested: Sequence[str] | None, lora: bool, pipeline_class: type, 
     if wants_lora and not has_loader:
         raise ValueError(f"{pipeline_class.__name__} has no diffusers LoRA loader, so formats {wants_lora} do not "
                          "apply: export the pipeline (the LoRA fused in)")
+    if "kohya" in requested and kohya_prefix is None:
+        raise ValueError(f"no kohya / ComfyUI key names are known for {pipeline_class.__name__}'s denoiser: export the "
+                         "pipeline or the diffusers LoRA (formats pipeline, lora)")
     return requested
-
-
-def _teacher_or_none(pipe, image_size: int | None = None):
-    """The teacher adapter over ``pipe``, or None for a pipeline no adapter reads yet (its
-    scheduler then comes from ``pipe.scheduler`` and it has no class labels)."""
-    from distill.teachers import teacher_from_pipeline
-
-    try:
-        return teacher_from_pipeline(pipe, image_size=image_size)
-    except ValueError:
-        return None
-
-
-def _denoiser_component(pipe, teacher, student_dir: Path) -> str:
-    """The pipeline component the student replaces: the teacher adapter's denoiser; without
-    an adapter, the component of the saved student's class (full) or the one that has every
-    module the LoRA adapts."""
-    modules = {name: m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-    if teacher is not None:
-        found = [n for n, m in modules.items() if m is teacher.denoiser] or [
-            n for n, m in modules.items() if type(m) is type(teacher.denoiser)]
-    elif is_lora_checkpoint(student_dir):
-        from safetensors import safe_open
-
-        with safe_open(student_dir / ADAPTER_WEIGHTS, "pt") as f:
-            targets = {key.split(".lora_")[0] for key in f.keys()}
-        found = [n for n, m in modules.items() if targets <= {name for name, _ in m.named_modules()}]
-    else:
-        class_name = json.loads((student_dir / "config.json").read_text())["_class_name"]
-        found = [n for n, m in modules.items() if type(m).__name__ == class_name]
-    if len(found) != 1:
-        raise ValueError(f"cannot tell which component of {type(pipe).__name__} the student replaces (candidates {found})")
-    return found[0]

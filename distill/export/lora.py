@@ -33,26 +33,27 @@ def save_diffusers_lora(pipeline_class: type, component: str, state: dict, lora_
     return directory
 
 
-def kohya_state_dict(component: str, state: dict, lora_config) -> dict:
-    """The peft LoRA ``state`` of a UNet with kohya / ComfyUI key names:
-    ``lora_unet_<module path with _>.lora_down.weight`` (A), ``.lora_up.weight`` (B) and
-    ``.alpha``. diffusers' converter writes alpha = rank; the real alpha goes in instead, so
-    loaders scale by alpha / rank as training did."""
+def kohya_state_dict(prefix: str, state: dict, lora_config) -> dict:
+    """The peft LoRA ``state`` of a denoiser with kohya / ComfyUI key names (``prefix``: the
+    teacher adapter's ``kohya_prefix``): ``<prefix>_<module path with _>.lora_down.weight`` (A),
+    ``.lora_up.weight`` (B) and ``.alpha``. diffusers' converter writes alpha = rank; the real
+    alpha goes in instead, so loaders scale by alpha / rank as training did."""
     from diffusers.utils import convert_state_dict_to_kohya
 
-    if component != "unet":
-        raise ValueError(f"kohya LoRA keys name UNet modules (lora_unet_...); this denoiser is {component!r}")
     if lora_config.rank_pattern or lora_config.alpha_pattern or lora_config.use_rslora:
         raise ValueError("kohya export takes one rank and alpha for every module (no rank/alpha patterns, no rsLoRA)")
-    kohya = convert_state_dict_to_kohya({f"{component}.{k}": v for k, v in state.items()})
+    # the converter names keys after the component they come under ("unet." -> "lora_unet_")
+    kohya = convert_state_dict_to_kohya({f"{prefix.removeprefix('lora_')}.{k}": v for k, v in state.items()})
+    if not all(k.startswith(f"{prefix}_") for k in kohya):
+        raise ValueError(f"diffusers' kohya converter does not write {prefix}_ keys")
     return {k: torch.tensor(float(lora_config.lora_alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
 
 
-def save_kohya_lora(component: str, state: dict, lora_config, path: Path) -> Path:
+def save_kohya_lora(prefix: str, state: dict, lora_config, path: Path) -> Path:
     """One safetensors file of ``kohya_state_dict`` (with kohya's rank / alpha metadata)."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(kohya_state_dict(component, state, lora_config), path,
+    save_file(kohya_state_dict(prefix, state, lora_config), path,
               metadata={"format": "pt", "ss_network_dim": str(lora_config.r), "ss_network_alpha": str(lora_config.lora_alpha)})
     return path

@@ -15,14 +15,18 @@ import torch
 from torch import Tensor
 
 X0Fn = Callable[[Tensor, Tensor], Tensor]  # (x_t [B, ...], t [B]) -> x0 [B, ...]
+NoiseFn = Callable[..., Tensor]  # (shape, *, generator, dtype, device) -> Gaussian noise of that shape
 
 
 class FewStepSampler:
-    """Sampling and backward simulation over fixed, descending ``timesteps``."""
+    """Sampling and backward simulation over fixed, descending ``timesteps``. ``noise``: how a
+    re-noising draws its noise (a teacher adapter's ``step_noise``: as its pipeline's
+    ``scheduler.step`` draws it; default ``torch.randn`` of the latents' shape)."""
 
-    def __init__(self, timesteps: list[int], schedule):
+    def __init__(self, timesteps: list[int], schedule, noise: NoiseFn = torch.randn):
         self.timesteps = list(timesteps)
         self.schedule = schedule
+        self.noise = noise
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -33,7 +37,7 @@ class FewStepSampler:
 
     def renoise(self, x0: Tensor, index: int, generator: torch.Generator | None) -> Tensor:
         """x_t at ``timesteps[index]`` from x0 and a fresh draw of noise."""
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=generator.device if generator else None)
+        noise = self.noise(x0.shape, generator=generator, dtype=x0.dtype, device=generator.device if generator else None)
         return self.schedule.add_noise(x0, noise.to(x0.device), self.timestep(index, x0))
 
     def simulate(self, x0_fn: X0Fn, noise: Tensor, steps: int, generator: torch.Generator | None) -> Tensor:

@@ -22,16 +22,24 @@ trained by rectified flow.
   (512; 256 for checkpoints without a guidance embedding, schnell's length in Black Forest Labs'
   reference code) and CLIP's pooled output. The null conditioning is the encoded empty prompt;
   ``head_condition`` is the pooled projection. Cached ``cond.<key>`` batch entries are read as given.
-* Guidance. FLUX.1-dev (``guidance_embeds``, ``FluxTeacher``) is guidance-distilled: the pipeline
-  embeds ``guidance_scale`` (a [B] tensor) into the transformer and runs no classifier-free
-  batch. Here a conditioning may carry that scale as ``"guidance"`` [B] (``with_guidance``);
-  ``output`` uses it, or ``guidance_scale`` (3.5, the pipeline's default) when absent, and
-  ``guided_output(..., s)`` is the output at embedded scale s. ``guidance_kind = "embedded"``.
-  Checkpoints without the embedding (FLUX.1-schnell, ``FluxSchnellTeacher``) get classifier-free
-  guidance with the empty prompt (what the pipeline does with ``true_cfg_scale`` and
-  ``negative_prompt=""``); scale 1 is no guidance, as schnell samples. ``guidance_kind = "cfg"``.
-  ``pipeline_kwargs()`` is what ``FluxPipeline.__call__`` needs to sample as the default
-  ``output`` does (size, embedded scale, T5 length).
+* Guidance (mixed by ``distill.denoiser.Denoiser``, as for every family). FLUX.1-dev
+  (``guidance_embeds``, ``FluxTeacher``, ``guidance = "embedded"``) is guidance-distilled: the
+  pipeline embeds ``guidance_scale`` (a [B] tensor) into the transformer and runs no
+  classifier-free batch. A conditioning may carry that scale as ``"guidance"`` [B]
+  (``with_guidance``); ``output`` uses it, or ``guidance_scale`` (3.5, the pipeline's default:
+  the network's own, at which students and fake scores run) when absent. 1 is a weak scale,
+  not "off". Checkpoints without the embedding (FLUX.1-schnell, ``FluxSchnellTeacher``,
+  ``guidance = "cfg"``) get classifier-free guidance with the empty prompt (what the pipeline
+  does with ``true_cfg_scale`` and ``negative_prompt=""``); scale 1 is no guidance, as schnell
+  samples. ``pipeline_kwargs()`` is what ``FluxPipeline.__call__`` needs to sample as the
+  default ``output`` does (size, embedded scale, T5 length): FluxPipeline's own default size
+  is 1024 px whatever the transformer, so the size cannot go into the export's config.
+* Sampling like the pipeline: ``pipeline_set_timesteps`` passes explicit sigmas
+  linspace(1, 1/N, N) and mu (to schedulers that shift dynamically); the pipeline feeds the
+  scheduler raw noise and latents and calls its ``step`` without the generator, so the
+  stochastic step of an export re-noises from torch's global RNG, in the packed shape
+  [B, (H/2)(W/2), 4C]: ``step_noise`` draws the student's re-noising in that shape and unpacks
+  it, so a student sampled with a generator seeded as the global RNG is the export's sample.
 * Features for discriminators: the image tokens [B, (H/2)(W/2), D] of a block, double-stream
   (``transformer_blocks``) or single-stream (``single_transformer_blocks``), seen as maps
   [B, D, H/2, W/2]. Both kinds return ``(encoder_hidden_states, hidden_states)`` in diffusers 0.42
@@ -50,7 +58,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from torch import Tensor, nn
 
 from distill.schedules import FlowSchedule, schedule_from_config
-from distill.teachers.base import cat_conditions
+from distill.teachers.base import TeacherBase, component_class
 from distill.teachers.stable_diffusion import StableDiffusionTeacher, _transformers_class, latent_side, load_vae, vae_scale_factor
 from distill.teachers.tokens import TokenMap, _Handles
 
@@ -105,16 +113,26 @@ class PackedTokenMap(TokenMap):
                          self.block.register_forward_hook(call_with_map, **kwargs)])
 
 
-class FluxTeacher:
+class FluxTeacher(TeacherBase):
     """FLUX.1-dev (a guidance embedding): conditioning ``{"encoder_hidden_states": [B, L, D],
     "pooled_projections": [B, D']}``, optionally ``"guidance"`` [B] (the embedded scale).
     ``from_pretrained`` / ``from_pipeline`` return a ``FluxSchnellTeacher`` for checkpoints
     without the embedding."""
 
-    guidance_kind = "embedded"  # the scale goes into the network; no classifier-free batch
+    family = "FLUX.1 dev / schnell (FluxPipeline)"
+    component = "transformer"
+    # attention and feed-forward of both streams, and the single-stream blocks' MLP and output projections
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                           "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
+    scales_initial_noise = scales_model_input = step_uses_generator = False
+    guidance, null_first = "embedded", True  # the scale goes into the network; no classifier-free batch
     pooled_key = "pooled_projections"  # the conditioning entry GAN heads read (head_condition)
     guidance_embeds = True
     default_max_sequence_length = 512  # FluxPipeline's default
+
+    @classmethod
+    def reads(cls, index: dict) -> bool:
+        return component_class(index, "transformer") == "FluxTransformer2DModel"
 
     # the VAE side and prompt batches are Stable Diffusion's
     _latent_affine = StableDiffusionTeacher._latent_affine
@@ -214,15 +232,28 @@ class FluxTeacher:
                                          text_encoders=text_encoders, scheduler_config=scheduler_config, image_size=image_size)
 
     # sampling like the pipeline -------------------------------------------------------------
-    def set_timesteps(self, scheduler, num_steps: int, device=None) -> Tensor:
+    @staticmethod
+    def pipeline_set_timesteps(scheduler, num_steps: int, device=None, mu: float | None = None) -> Tensor:
         """Set ``scheduler``'s timesteps for ``num_steps`` as ``FluxPipeline.__call__`` does, and
         return them: explicit sigmas linspace(1, 1/N, N) (none for schedulers with
-        ``use_flow_sigmas``) and this image size's ``mu``. mu goes only to schedulers that shift
-        dynamically: the others ignore it (FlowMatchEuler) or refuse it (DPM-Solver)."""
+        ``use_flow_sigmas``) and ``mu`` (an adapter's: its image size's). mu goes only to
+        schedulers that shift dynamically: the others ignore it (FlowMatchEuler, e.g. an
+        export's) or refuse it (DPM-Solver)."""
         sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
-        mu = {"mu": self.mu} if scheduler.config.get("use_dynamic_shifting") else {}
-        timesteps, _ = retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, **mu)
+        shift = {"mu": mu} if scheduler.config.get("use_dynamic_shifting") else {}
+        timesteps, _ = retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, **shift)
         return timesteps
+
+    def step_noise(self, shape, *, generator: torch.Generator | None, dtype: torch.dtype, device) -> Tensor:
+        """Noise [B, C, H, W] drawn as FluxPipeline's stochastic ``scheduler.step`` draws it: in the
+        packed shape [B, (H/2)(W/2), 4C] (``randn_tensor`` of the model output's), unpacked."""
+        b, c, height, width = shape
+        tokens = torch.randn((b, (height // 2) * (width // 2), 4 * c), generator=generator, dtype=dtype, device=device)
+        return unpack_latents(tokens, height, width)
+
+    def register_sample_size(self, denoiser: nn.Module) -> None:
+        """Nothing: FluxPipeline's default size is 128 latents whatever the transformer says;
+        ``pipeline_kwargs`` carries the trained size."""
 
     def pipeline_kwargs(self) -> dict:
         """What to pass to ``FluxPipeline.__call__`` so that it samples as ``output`` does by
@@ -288,22 +319,6 @@ class FluxTeacher:
         ).sample
         return unpack_latents(out.float(), height, width)
 
-    def guided_output(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor],
-                      guidance_scale: float | None) -> Tensor:
-        """The output at embedded guidance ``guidance_scale`` (None: the conditioning's, else
-        ``self.guidance_scale``). FLUX.1-dev was distilled to give in one call what CFG at that
-        scale gives (no null-prompt batch, as the pipeline); 1 is a weak scale, not "off"."""
-        if guidance_scale is not None:
-            cond = self.with_guidance(cond, guidance_scale)
-        return self.output(denoiser, x_t, t, cond)
-
-    def x0(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor],
-           guidance_scale: float | None = None) -> Tensor:
-        """x0 = x_t - sigma v [B, C, H, W], float32. ``guidance_scale`` None (students, fake
-        scores): the network at the conditioning's own scale; a number: ``guided_output``'s."""
-        output = self.guided_output(denoiser, x_t, t, cond, guidance_scale)
-        return self.schedule.to_x0(output, x_t.float(), t, self.prediction_type)
-
     # features -------------------------------------------------------------------------------
     @staticmethod
     def _blocks(denoiser: nn.Module) -> list[nn.Module]:
@@ -340,7 +355,7 @@ class FluxSchnellTeacher(FluxTeacher):
     """FLUX.1-schnell and any FLUX checkpoint without a guidance embedding: the transformer gets
     ``guidance=None``; guidance, where asked for, is classifier-free with the empty prompt."""
 
-    guidance_kind = "cfg"  # the caller mixes a null-prompt output (scale 1: none)
+    guidance = "cfg"  # the Denoiser mixes a null-prompt output (scale 1: none); FluxPipeline runs two calls
     guidance_embeds = False
     default_max_sequence_length = 256  # schnell's T5 length in Black Forest Labs' reference sampler
 
@@ -351,22 +366,10 @@ class FluxSchnellTeacher(FluxTeacher):
         return kwargs
 
     def with_guidance(self, cond: dict[str, Tensor], guidance_scale: float) -> dict[str, Tensor]:
-        raise ValueError(f"{type(self).__name__}: this checkpoint has no guidance embedding (guidance_kind 'cfg'): "
+        raise ValueError(f"{type(self).__name__}: this checkpoint has no guidance embedding (guidance 'cfg'): "
                          "guidance is classifier-free, mixed from a null-prompt output")
 
     def _guidance(self, cond: dict[str, Tensor], batch_size: int, device) -> None:
         if "guidance" in cond:
             raise ValueError("this checkpoint has no guidance embedding, but the conditioning carries a 'guidance' scale")
         return None
-
-    def guided_output(self, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor],
-                      guidance_scale: float | None) -> Tensor:
-        """Classifier-free guidance (Ho & Salimans 2022, eq. 6) with the empty prompt: null and
-        conditional outputs from one batched call, mixed by ``guidance_scale`` (None or 1: none).
-        Equal to ``FluxPipeline(..., true_cfg_scale=s, negative_prompt="")``."""
-        if guidance_scale is None or guidance_scale == 1.0:
-            return self.output(denoiser, x_t, t, cond)
-        both = cat_conditions([self.null_condition(cond), cond])
-        t2 = torch.cat([t, t]) if t.numel() > 1 else t
-        out_null, out_cond = self.output(denoiser, torch.cat([x_t, x_t]), t2, both).chunk(2)
-        return out_null + guidance_scale * (out_cond - out_null)

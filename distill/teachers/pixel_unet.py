@@ -12,9 +12,19 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor, nn
 
 from distill.schedules import schedule_from_config
+from distill.teachers.base import UNET_LORA_TARGETS, TeacherBase, component_class
 
 
-class PixelUNetTeacher:
+class PixelUNetTeacher(TeacherBase):
+    family = "pixel-space UNet2DModel pipelines (DDPMPipeline)"
+    component, kohya_prefix, lora_target_modules = "unet", "lora_unet", UNET_LORA_TARGETS
+    # DDPMPipeline feeds the scheduler's step the raw noise and latents
+    scales_initial_noise = scales_model_input = False
+
+    @classmethod
+    def reads(cls, index: dict) -> bool:
+        return component_class(index, "unet") == "UNet2DModel"
+
     def __init__(self, unet: UNet2DModel, scheduler_config: dict, image_size: int | None = None):
         self.denoiser = unet.requires_grad_(False).eval()
         self.scheduler_config = dict(scheduler_config)

@@ -28,6 +28,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteSc
 from torch import Tensor, nn
 
 from distill.schedules import FlowSchedule, schedule_from_config
+from distill.teachers.base import TeacherBase, component_class, present
 from distill.teachers.stable_diffusion import (StableDiffusionTeacher, _transformers_class, latent_side, load_vae,
                                                vae_scale_factor)
 from distill.teachers.tokens import TokenMap
@@ -36,9 +37,15 @@ TEXT_COMPONENTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default T5 prompt length
 
 
-class StableDiffusion3Teacher:
+class StableDiffusion3Teacher(TeacherBase):
     """SD3 / SD3.5: conditioning ``{"encoder_hidden_states": [B, L, D], "pooled_projections": [B, D']}``."""
 
+    family = "SD3 / 3.5 (StableDiffusion3Pipeline; text_encoder_3, T5, may be saved as null)"
+    component = "transformer"
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                           "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")  # both streams
+    # the pipeline feeds FlowMatchEuler the raw noise and latents and calls its step without the generator
+    scales_initial_noise = scales_model_input = step_uses_generator = False
     pooled_key = "pooled_projections"  # the conditioning entry GAN heads read (head_condition)
 
     # the VAE side and the null conditioning are Stable Diffusion's
@@ -49,6 +56,14 @@ class StableDiffusion3Teacher:
     null_condition = StableDiffusionTeacher.null_condition
     head_condition = StableDiffusionTeacher.head_condition
     guidance, null_first = "cfg", True  # the pipeline batches (negative, prompt)
+
+    @classmethod
+    def reads(cls, index: dict) -> bool:
+        return (component_class(index, "transformer") == "SD3Transformer2DModel" and present(index, "vae")
+                and present(index, "text_encoder") and present(index, "text_encoder_2"))
+
+    def pipeline_kwargs(self) -> dict:
+        return {"guidance_scale": 0.0}  # classifier-free guidance off (SD3 guides above 1)
 
     def __init__(self, *, transformer: SD3Transformer2DModel, vae: AutoencoderKL, tokenizers: list, text_encoders: list,
                  scheduler_config: dict, image_size: int | None = None, max_sequence_length: int = MAX_SEQUENCE_LENGTH):
@@ -111,13 +126,10 @@ class StableDiffusion3Teacher:
         transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype, **load)
         vae = load_vae(path, revision, dtype)
 
-        def present(name: str) -> bool:  # a dropped component is missing or saved as [null, null]
-            return bool(index.get(name)) and index[name][0] is not None
-
         tokenizers = [_transformers_class(index, name).from_pretrained(path, subfolder=name, revision=revision)
-                      if present(name) else None for name, _ in TEXT_COMPONENTS]
+                      if present(index, name) else None for name, _ in TEXT_COMPONENTS]
         text_encoders = [_transformers_class(index, name).from_pretrained(path, subfolder=name, dtype=dtype, **load)
-                         if present(name) else None for _, name in TEXT_COMPONENTS]
+                         if present(index, name) else None for _, name in TEXT_COMPONENTS]
         scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler", revision=revision)
         return cls(transformer=transformer, vae=vae, tokenizers=tokenizers, text_encoders=text_encoders,
                    scheduler_config=scheduler_config, image_size=image_size)

@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DCon
 from torch import Tensor, nn
 
 from distill.schedules import schedule_from_config
-from distill.teachers.base import cached_condition
+from distill.teachers.base import UNET_LORA_TARGETS, TeacherBase, cached_condition, component_class, present
 
 
 def _transformers_class(index: dict, name: str) -> type:
@@ -66,13 +66,27 @@ def load_vae(path: str, revision: str | None, dtype: torch.dtype) -> Autoencoder
     return AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype, revision=revision, use_safetensors=True)
 
 
-class StableDiffusionTeacher:
+class StableDiffusionTeacher(TeacherBase):
     """SD 1.x / 2.x: one CLIP text encoder; conditioning ``{"encoder_hidden_states": [B, L, D],
     "pooled": [B, D]}``."""
 
+    family = "Stable Diffusion 1.x / 2.x (UNet2DConditionModel, AutoencoderKL vae, CLIP text_encoder)"
+    component, kohya_prefix, lora_target_modules = "unet", "lora_unet", UNET_LORA_TARGETS
     text_components = (("tokenizer", "text_encoder"),)  # (tokenizer, encoder) component names, in order
     pooled_key = "pooled"  # the conditioning entry GAN heads read (head_condition)
     guidance, null_first = "cfg", True  # the pipelines batch (negative, prompt)
+
+    @classmethod
+    def reads(cls, index: dict) -> bool:
+        """A text-to-image UNet over a VAE with exactly this class's text encoders (SDXL's refiner,
+        text_encoder_2 only, is neither SD nor SDXL)."""
+        encoders = [encoder for _, encoder in cls.text_components]
+        return (component_class(index, "unet") == "UNet2DConditionModel" and present(index, "vae")
+                and all(present(index, encoder) for encoder in encoders)
+                and not present(index, f"text_encoder_{len(encoders) + 1}"))
+
+    def pipeline_kwargs(self) -> dict:
+        return {"guidance_scale": 0.0}  # classifier-free guidance off
 
     def __init__(self, *, unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizers: list, text_encoders: list[nn.Module],
                  scheduler_config: dict, force_zeros_for_empty_prompt: bool = False, image_size: int | None = None):
@@ -238,6 +252,7 @@ class StableDiffusionXLTeacher(StableDiffusionTeacher):
     """SDXL: two CLIP text encoders; conditioning ``{"encoder_hidden_states": [B, L, D1 + D2],
     "text_embeds": [B, D'], "time_ids": [B, 6]}``."""
 
+    family = "SDXL (the same with text_encoder_2)"
     text_components = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     pooled_key = "text_embeds"
 

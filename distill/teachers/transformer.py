@@ -31,16 +31,18 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 from torch import Tensor, nn
 
 from distill.schedules import schedule_from_config
-from distill.teachers.base import cached_condition
+from distill.teachers.base import TeacherBase, cached_condition, component_class, present
 from distill.teachers.stable_diffusion import (StableDiffusionTeacher, _transformers_class, latent_side, load_vae,
                                                vae_scale_factor)
 from distill.teachers.tokens import TokenMap
 
 
-class _LatentTransformerTeacher:
+class _LatentTransformerTeacher(TeacherBase):
     """Shared by DiT and PixArt: a patch transformer over VAE latents, epsilon (or v) prediction
     on a DDPM schedule, learned variance dropped. Subclasses define the conditioning."""
 
+    component = "transformer"
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")  # attention, feed-forward
     guidance, null_first = "cfg", True  # the CFG batch order is the pipeline's (PixArt: null, cond; DiT: cond, null)
 
     # the VAE side is Stable Diffusion's: scaled (shifted) latents, decode differentiable
@@ -133,7 +135,21 @@ class DiTTeacher(_LatentTransformerTeacher):
     (the checkpoint's guidance training, active in train mode) is switched off: a student or
     fake score copied from this denoiser is always conditioned on the labels it is given."""
 
+    family = "DiT (DiTPipeline)"
     null_first = False  # DiTPipeline batches (cond, null)
+    # DiTPipeline scales the model input but not the initial noise, and calls scheduler.step without its generator
+    scales_initial_noise = step_uses_generator = False
+
+    @classmethod
+    def reads(cls, index: dict) -> bool:
+        """A DiT transformer over a VAE; legacy checkpoints name ``Transformer2DModel`` for DiT and
+        PixArt alike (diffusers remaps it by norm type): without a text encoder, it is DiT."""
+        name = component_class(index, "transformer")
+        return present(index, "vae") and (name == "DiTTransformer2DModel"
+                                          or name == "Transformer2DModel" and not present(index, "text_encoder"))
+
+    def pipeline_kwargs(self) -> dict:
+        return {"guidance_scale": 1.0}  # DiTPipeline guides at scales above 1
 
     def __init__(self, *, transformer: nn.Module, vae: AutoencoderKL, scheduler_config: dict, image_size: int | None = None):
         if transformer.config.get("norm_type") != "ada_norm_zero" or not transformer.config.get("num_embeds_ada_norm"):
@@ -186,7 +202,18 @@ class PixArtTeacher(_LatentTransformerTeacher):
     GAN heads need one vector per prompt and T5 has no pooled output: ``head_condition`` is the
     mask-weighted mean of the T5 hidden states [B, D] (``head_condition_dim`` = T5's d_model)."""
 
+    family = "PixArt-alpha / Sigma (PixArtAlphaPipeline, PixArtSigmaPipeline: a T5 text_encoder)"
     null_first = True  # the pipelines batch (negative, prompt)
+
+    @classmethod
+    def reads(cls, index: dict) -> bool:
+        return (present(index, "vae") and component_class(index, "text_encoder") == "T5EncoderModel"
+                and component_class(index, "transformer") in ("PixArtTransformer2DModel", "Transformer2DModel"))
+
+    def pipeline_kwargs(self) -> dict:
+        """No guidance; prompts encoded as this adapter encodes them (``clean_caption`` off) and
+        sampled at the trained size itself (no resolution binning)."""
+        return {"guidance_scale": 0.0, "clean_caption": False, "use_resolution_binning": False}
 
     def __init__(self, *, transformer: nn.Module, vae: AutoencoderKL, tokenizer, text_encoder: nn.Module, scheduler_config: dict,
                  max_sequence_length: int, image_size: int | None = None):
