@@ -50,6 +50,12 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "scripts" / "scale_configs"
 GB = 2**30
 MODES = {"full": (False, False), "student": (True, False), "shared": (True, True)}  # (student LoRA, fake score LoRA)
+def _adapter(module: str, name: str):
+    return lambda: getattr(__import__(f"distill.teachers.{module}", fromlist=[name]), name)
+
+
+ADAPTERS = {"sd": _adapter("stable_diffusion", "StableDiffusionTeacher"), "sdxl": _adapter("stable_diffusion", "StableDiffusionXLTeacher"),
+            "sd3": _adapter("sd3", "StableDiffusion3Teacher"), "flux": _adapter("flux", "FluxTeacher")}
 MODELS = {  # config, pipeline family, recipe, overrides of the recipe, CPU resolution
     "sd15-half": dict(config="sd15_unet.json", family="sd", recipe="sd15-dmd2-4step-lora.yaml", cpu_resolution=128,
                       scale_channels=0.5),
@@ -222,9 +228,8 @@ def plan_row(model: str, mode: str, *, tiny: bool, dtype: str, ema: bool, optimi
     recipe = recipe_of(model)
     overrides = MODELS[model].get("overrides", {})
     rank = recipe["student"]["lora"]["rank"]
-    targets = overrides.get("student.lora.target_modules") or recipe["student"]["lora"].get("target_modules") or [
-        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
-        "conv_shortcut", "time_emb_proj"]
+    targets = overrides.get("student.lora.target_modules") or recipe["student"]["lora"].get("target_modules") \
+        or ADAPTERS[MODELS[model]["family"]]().lora_target_modules  # null in a recipe: the adapter's default
     params, lora = count_parameters(model, tiny, rank, targets)
     student_lora, fake_lora = MODES[mode]
     teacher_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
