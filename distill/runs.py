@@ -4,6 +4,7 @@ Run directory::
 
     config.yaml           the resolved recipe
     losses.jsonl          one line of losses per logged step (main process)
+    times.jsonl           the same steps' seconds per phase and samples per second (main process)
     logs/                 TensorBoard: losses, learning rates, sample grids
     samples/step-N.png    sample grids of the EMA student (fixed noise and labels)
     checkpoints/step-N/   accelerate state (models, optimizers, EMA, RNG, step) + student/
@@ -41,9 +42,10 @@ from distill.errors import ConfigError
 
 CONFIG, LOSSES, SCORES, METRICS = "config.yaml", "losses.jsonl", "scores.jsonl", "metrics.json"
 SCORES_PLOT = "scores.png"  # FD and recall against step, redrawn at each evaluation (distill.plots)
+TIMES = "times.jsonl"  # beside losses.jsonl: times differ between runs that log the same losses
 BEST_SCORES = "scores.json"  # inside checkpoints/best: its step and scores
 DATA_REPORT = "data_report.json"  # the bad items data.on_bad_item=skip left out
-__all__ = ["BEST", "BEST_SCORES", "CHECKPOINTS", "CHECKPOINT_INFO", "CHECKPOINT_PREFIX", "CONFIG", "DATA_REPORT", "LOSSES", "METRICS",
+__all__ = ["BEST", "BEST_SCORES", "CHECKPOINTS", "CHECKPOINT_INFO", "CHECKPOINT_PREFIX", "CONFIG", "DATA_REPORT", "LOSSES", "METRICS", "TIMES",
            "Run", "SCORES", "SCORES_PLOT", "STUDENT", "append_row", "best_scores", "check_new_run", "checkpoint_path", "find_checkpoint",
            "forget_steps_after", "is_run", "keep_if_best", "load_run", "prune_checkpoints", "read_metrics", "read_rows",
            "report_skipped", "samples_path", "write_checkpoint_info", "write_metrics"]
@@ -165,7 +167,7 @@ def forget_steps_after(output_dir: str | Path, step: int, report: Callable[[str]
     earlier checkpoint) as ``.set-aside-step-N``, so that pruning never keeps them in place of
     the ones the resumed run writes."""
     output_dir = Path(output_dir)
-    for log in (LOSSES, SCORES):
+    for log in (LOSSES, SCORES, TIMES):
         path = output_dir / log
         if path.is_file():
             kept = [line for line, row in _read_lines(path, report) if row["step"] <= step]

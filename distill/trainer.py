@@ -6,6 +6,15 @@ accumulates ``train.gradient_accumulation_steps`` micro-batches. Micro-batch ``i
 run reads data batch ``i`` and draws all its randomness from ``step_generator(seed, i,
 rank)``, so a resumed run repeats the uninterrupted one exactly. The run directory's layout
 is ``distill.runs``'s; the method (``distill.methods``) is whatever ``method.name`` names.
+
+Each micro-batch is read (``StepBatches``: ahead, by ``data.num_workers`` DataLoader
+workers), moved to the device and encoded there (the teacher's text encoders and VAE, once
+per batch, batched) before the method's loss sees it, as a cached batch would be. Every logged
+step carries its time per phase (``time/data_s``, ``time/critic_s``, ``time/generator_s``,
+``time/optimizer_s``, ``time/ema_s``, ``time/log_s``; ``distill.timing``) and
+``time/samples_per_s``. DDP, FSDP2 and DeepSpeed come from Accelerate's launch config
+(``distill.parallel``): the trained networks are prepared one by one, the frozen teacher is
+replicated, and a sharded student is gathered for checkpoints, samples and scores.
 """
 
 from __future__ import annotations
@@ -18,7 +27,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from distill import config as config_lib
@@ -26,14 +34,17 @@ from distill import runs, trackers
 from distill.atomic import atomic_directory, partial_directory
 from distill.plots import plot_against_step
 from distill.config import Config
-from distill.data import EpochSampler, cached_dataset, collate, step_generator
+from distill import parallel
+from distill.data import EpochSampler, StepBatches, cached_dataset, step_generator
 from distill.factories import dataset_from_config, eval_reference, scorer_from_config, teacher_identity
 from distill.grids import image_grid, save_grid
 from distill.methods.common import to_device
+from distill.offload import Offload
 from distill.sampling import draw_student
-from distill.students import (FewStepSampler, enable_gradient_checkpointing, eval_copy, lora_config, make_roles,
-                               save_student, set_trainable, trainable_parameters)
+from distill.students import (FewStepSampler, LoraRole, enable_gradient_checkpointing, eval_copy, lora_config,
+                               make_roles, make_student, save_student, set_trainable, trainable_parameters)
 from distill.teachers import COND_PREFIX, load_teacher
+from distill.timing import PhaseTimer
 from distill.train_state import TrainState
 
 
@@ -54,21 +65,34 @@ class DistillTrainer:
         )
         set_seed(cfg.seed)
         self.device = self.accelerator.device
+        self.timer = PhaseTimer(self.device)
         self.teacher = self._setup_teacher()
         config_lib.fill_teacher_defaults(cfg, self.teacher)  # e.g. LoRA targets left null: the adapter's
         self.sampler = FewStepSampler(cfg.student.timesteps, self.teacher.schedule, self.teacher.step_noise)
         self.method = cfg.method.build(teacher=self.teacher, sampler=self.sampler, guidance_scale=cfg.teacher.guidance_scale,
                                        backward_simulation=cfg.student.backward_simulation)
+        self.needs_images = cfg.method.needs_real_images(num_steps=len(cfg.student.timesteps),
+                                                         backward_simulation=cfg.student.backward_simulation)
         student, fake_score = self._setup_roles()
+        parallel.check_roles(self.accelerator, lora_roles=any(isinstance(r, LoraRole) for r in (student, fake_score)),
+                             ema=cfg.train.ema_decay > 0)
         critic = self.method.build_critic(fake_score=fake_score, device=self.device)
+        # after the roles: full copies are made from the bare teacher, without hooks or compiled calls
+        self.offload = Offload(self.teacher, cfg.teacher.offload, self.device)
+        if cfg.train.compile:
+            for network in {id(n): n for n in (self.teacher.denoiser, student, fake_score)
+                            if n is not None and not isinstance(n, LoraRole)}.values():
+                network.compile()
         optimizer_s, schedule_s = self._setup_optimizer(trainable_parameters(student), cfg.optim.student)
         self.critic = self.optimizer_c = self.lr_c = None  # a method without a critic
-        if critic is None:
-            self.student, self.optimizer_s, self.lr_s = self.accelerator.prepare(student, optimizer_s, schedule_s)
-        else:
+        # one prepare call per trained network (FSDP2 shards one model a call, DeepSpeed makes one engine each)
+        limits = dict(micro_batch_size=cfg.data.batch_size, max_grad_norm=cfg.train.max_grad_norm)
+        self.student, self.optimizer_s, self.lr_s = parallel.prepare_trained(self.accelerator, student, optimizer_s,
+                                                                             schedule_s, **limits)
+        if critic is not None:
             optimizer_c, schedule_c = self._setup_optimizer(trainable_parameters(critic), cfg.optim.critic)
-            (self.student, self.critic, self.optimizer_s, self.optimizer_c, self.lr_s, self.lr_c) = self.accelerator.prepare(
-                student, critic, optimizer_s, optimizer_c, schedule_s, schedule_c)
+            self.critic, self.optimizer_c, self.lr_c = parallel.prepare_trained(self.accelerator, critic, optimizer_c,
+                                                                                schedule_c, **limits)
         self.ema = self._setup_ema()
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state)
@@ -97,16 +121,22 @@ class DistillTrainer:
         return student, fake_score
 
     def _setup_optimizer(self, parameters, optim: config_lib.OptimizerConfig):
-        optimizer = torch.optim.AdamW(parameters, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        hyper = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        if optim.name == "adamw8bit":
+            from bitsandbytes.optim import AdamW8bit  # the config check made sure it is installed
+
+            optimizer = AdamW8bit(parameters, **hyper)
+        else:  # fused: one kernel over all tensors; on a CPU 4-5x faster than the default (docs/scale.md)
+            optimizer = torch.optim.AdamW(parameters, fused=True, **hyper)
         warmup = optim.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         return optimizer, schedule
 
-    def _setup_ema(self) -> EMAModel | None:
+    def _setup_ema(self) -> parallel.EMA | None:
         if self.config.train.ema_decay == 0:
             return None
         student = self.accelerator.unwrap_model(self.student)
-        ema = EMAModel(trainable_parameters(student), decay=self.config.train.ema_decay)
+        ema = parallel.EMA(trainable_parameters(student), decay=self.config.train.ema_decay)
         ema.to(self.device)
         self.accelerator.register_for_checkpointing(ema)
         return ema
@@ -140,6 +170,19 @@ class DistillTrainer:
             encoded["latent"] = self.teacher.encode_images(batch["image"])
         return encoded
 
+    @torch.no_grad()
+    def _encode_batch(self, batch: dict) -> dict:
+        """A micro-batch on the device with its conditioning (``cond.<key>``) and, where the
+        method reads real images, their latents (``latent``), encoded once, batched, as a
+        cached batch holds them; what a batch already holds is kept."""
+        batch = to_device(batch, self.device)
+        with self.accelerator.autocast():
+            batch.update({f"{COND_PREFIX}{k}": v for k, v in self.teacher.condition(batch).items()})
+            if self.needs_images and "image" in batch and "latent" not in batch:
+                batch["latent"] = self.teacher.encode_images(batch["image"])
+        self.offload.release()
+        return batch
+
     # ---------------------------------------------------------------------- loop
     @property
     def micro_batches_per_step(self) -> int:
@@ -151,19 +194,28 @@ class DistillTrainer:
         any process is skipped on every process: gradients dropped, no weight, optimizer or
         learning-rate state moves."""
         accumulation = self.config.train.gradient_accumulation_steps
+        deepspeed = parallel.uses_deepspeed(self.accelerator)
         logs: dict[str, torch.Tensor] = {}
         finite = torch.ones((), device=self.device)
         for micro in range(accumulation):
             index = first_micro_batch + micro
-            batch = collate(self.dataset, self.data_order.batch(index))
+            with self.timer.phase("data"):
+                batch = self._encode_batch(self.batches.get(index))
             generator = step_generator(self.config.seed, index, self.accelerator.process_index)
-            sync = nullcontext() if micro == accumulation - 1 else self.accelerator.no_sync(model)
-            with sync, self.accelerator.autocast():
-                loss, micro_logs = loss_fn(batch, generator)
-            finite = finite * torch.isfinite(loss.detach()).all()
-            self.accelerator.backward(loss / accumulation)
+            last = micro == accumulation - 1
+            sync = nullcontext() if last or deepspeed else self.accelerator.no_sync(model)
+            with sync:
+                with self.accelerator.autocast():
+                    loss, micro_logs = loss_fn(batch, generator)
+                finite = finite * torch.isfinite(loss.detach()).all()
+                parallel.backward(self.accelerator, model, loss / accumulation, last_micro_batch=last)
+            self.offload.release()
             for key, value in micro_logs.items():
                 logs[key] = logs.get(key, 0.0) + value.float() / accumulation
+        if deepspeed:  # the engine clips, steps, schedules and zeroes; its fp16 loss scaler skips overflows
+            with self.timer.phase("optimizer"):
+                logs["grad_norm"] = parallel.deepspeed_step(model)
+            return logs, True
         parameters = [p for p in trainable_parameters(model) if p.grad is not None]
         if self.config.train.max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(parameters, self.config.train.max_grad_norm)
@@ -172,10 +224,11 @@ class DistillTrainer:
         logs["grad_norm"] = torch.as_tensor(norm).detach().float()
         finite = finite * torch.isfinite(logs["grad_norm"].to(self.device))
         applied = bool(self.accelerator.reduce(finite.float(), reduction="sum") == self.accelerator.num_processes)
-        if applied:
-            optimizer.step()
-            lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        with self.timer.phase("optimizer"):
+            if applied:
+                optimizer.step()
+                lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
         return logs, applied
 
     def _train_step(self, step: int) -> dict:
@@ -187,29 +240,33 @@ class DistillTrainer:
         logs, skipped = {}, 0
         if updates:
             set_trainable(critic, True)
-        for update in range(updates):
-            logs, applied = self._update(
-                self.critic,
-                self.optimizer_c,
-                self.lr_c,
-                lambda batch, g: self.method.critic_loss(student, self.critic, batch, g, self.device),
-                base + update * accumulation,
-            )
-            skipped += not applied
+        with self.timer.phase("critic"):
+            for update in range(updates):
+                logs, applied = self._update(
+                    self.critic,
+                    self.optimizer_c,
+                    self.lr_c,
+                    lambda batch, g: self.method.critic_loss(student, self.critic, batch, g, self.device),
+                    base + update * accumulation,
+                )
+                skipped += not applied
         logs = {f"critic/{k}": v for k, v in logs.items()}
         if updates:
             set_trainable(critic, False)
-        generator_logs, applied = self._update(
-            self.student,
-            self.optimizer_s,
-            self.lr_s,
-            lambda batch, g: self.method.generator_loss(self.student, critic, batch, g, self.device),
-            base + updates * accumulation,
-        )
+        with self.timer.phase("generator"):
+            generator_logs, applied = self._update(
+                self.student,
+                self.optimizer_s,
+                self.lr_s,
+                lambda batch, g: self.method.generator_loss(self.student, critic, batch, g, self.device),
+                base + updates * accumulation,
+            )
         skipped += not applied
         logs.update({f"generator/{k}": v for k, v in generator_logs.items()})
         if self.ema is not None and applied:
-            self.ema.step(trainable_parameters(student))
+            with self.timer.phase("ema"):
+                self.ema.step(trainable_parameters(student))
+        self.timer.step_done()
         self.state.count_nonfinite(step, skipped, logs, max_steps=self.config.train.max_nonfinite_steps,
                                    checkpoints=self.output_dir / runs.CHECKPOINTS, report=self.accelerator.print)
         return logs
@@ -228,8 +285,12 @@ class DistillTrainer:
         )
         started = time.time() - self.state.elapsed_seconds
         stopped_early = False
+        self.batches = StepBatches(self.dataset, self.data_order, start=self.state.step * self.micro_batches_per_step,
+                                   num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        self._log_seconds = 0.0  # the last log's own time, counted in the next one's steps
         while self.state.step < cfg.train.max_steps:
-            logs = self._train_step(self.state.step)
+            with self.timer.phase("other"):  # what no phase inside the step claims
+                logs = self._train_step(self.state.step)
             self.state.step += 1
             self.state.elapsed_seconds = time.time() - started
             step = self.state.step
@@ -254,30 +315,59 @@ class DistillTrainer:
         return metrics
 
     def _log(self, logs: dict, step: int, progress) -> None:
+        """Losses (the mean over processes) and times of the steps since the last log: one host
+        synchronisation, here (``PhaseTimer.read``), and one transfer of the values."""
+        times = self.timer.read()  # seconds per step, by phase, since the last log
+        started = time.perf_counter()
+        times["time/log_s"] = self._log_seconds / self.config.train.log_every
+        times["time/step_s"] = sum(times.values())
+        d = self.config.data
+        samples = d.batch_size * self.config.train.gradient_accumulation_steps * self.accelerator.num_processes
+        times["time/samples_per_s"] = samples / times["time/step_s"] if times["time/step_s"] > 0 else 0.0
         keys = sorted(logs)
         values = torch.stack([torch.as_tensor(logs[k], device=self.device).float().reshape(()) for k in keys])
         values = self.accelerator.reduce(values, reduction="mean")
-        scalars = {k: float(v) for k, v in zip(keys, values)}
+        scalars = dict(zip(keys, values.tolist()))
         scalars["lr/student"] = self.lr_s.get_last_lr()[0]
         if self.skipped_items is not None:  # data.on_bad_item: skip
             scalars["data/skipped_items"] = float(self.skipped_items)
         if self.lr_c is not None:
             scalars["lr/critic"] = self.lr_c.get_last_lr()[0]
-        self.accelerator.log(scalars, step=step)
+        self.accelerator.log({**scalars, **times}, step=step)  # times: this process's own (the main one's)
         if self.accelerator.is_main_process:
             runs.append_row(self.output_dir / runs.LOSSES, {"step": step, **scalars})
+            runs.append_row(self.output_dir / runs.TIMES, {"step": step, **times})
             progress.set_postfix(
                 generator=f"{scalars.get('generator/generator_loss', float('nan')):.4f}",
                 critic=f"{scalars.get('critic/critic_loss', float('nan')):.4f}",
             )
+        self._log_seconds = time.perf_counter() - started
 
     # ---------------------------------------------------------------------- checkpoints
-    def eval_student(self) -> torch.nn.Module:
-        """A copy of the student holding the EMA weights (or the raw weights without EMA)."""
-        student = eval_copy(self.accelerator.unwrap_model(self.student))
-        if self.ema is not None:
-            self.ema.copy_to(trainable_parameters(student))
-        return student
+    def eval_student(self) -> torch.nn.Module | None:
+        """A copy of the student holding the EMA weights (or the raw weights without EMA), on
+        the main process. A sharded student (FSDP2, ZeRO-3) is gathered, a collective: then
+        every process calls this and the others get None; otherwise only the main process
+        needs to, and a call elsewhere returns None too."""
+        main = self.accelerator.is_main_process
+        if not parallel.is_sharded(self.accelerator):
+            if not main:
+                return None
+            student = eval_copy(self.accelerator.unwrap_model(self.student))
+            if self.ema is not None:
+                self.ema.copy_to(trainable_parameters(student))
+            return student
+        state = parallel.full_state_dict(self.accelerator, self.student)
+        weights = self.ema.whole() if self.ema is not None else None
+        if not main:
+            return None
+        student = make_student(self.teacher.denoiser)  # the bare network (no LoRA roles under sharding)
+        student.load_state_dict(state)
+        if weights is not None:
+            with torch.no_grad():
+                for p, w in zip(trainable_parameters(student), weights):
+                    p.copy_(w)
+        return student.to(self.device).eval().requires_grad_(False)
 
     def save_checkpoint(self) -> Path:
         """Accelerate state plus ``student/`` (diffusers format, EMA weights), written by every
@@ -287,8 +377,9 @@ class DistillTrainer:
         with atomic_directory(final) if main else nullcontext(partial_directory(final)) as staging:
             accelerator.wait_for_everyone()
             accelerator.save_state(str(staging))
+            student = self.eval_student()  # every process: a sharded student is gathered
             if main:
-                save_student(self.eval_student(), staging / runs.STUDENT)
+                save_student(student, staging / runs.STUDENT)
             accelerator.wait_for_everyone()
             if main:  # last, listing the size of every process's files
                 runs.write_checkpoint_info(staging, step=self.state.step, timesteps=self.sampler.timesteps,
@@ -314,18 +405,20 @@ class DistillTrainer:
                             getattr(self.raw_dataset, "prompts", None), clamp)
 
     def write_samples(self, step: int) -> None:
+        student = self.eval_student()  # every process: a sharded student is gathered; sampled on the main one
         if not self.accelerator.is_main_process:
             return
-        images, _ = self._draw(self.eval_student(), self.config.train.num_grid_samples, seed=self.config.seed)
+        images, _ = self._draw(student, self.config.train.num_grid_samples, seed=self.config.seed)
         save_grid(images, runs.samples_path(self.output_dir, step))
         trackers.log_images(self.accelerator, "samples", image_grid(images.float().cpu()), step)
 
-    def scores(self, num_samples: int) -> tuple[dict, torch.nn.Module]:
-        """Scores of the EMA student on ``num_samples`` samples (fixed seed), and that student."""
+    def scores(self, num_samples: int, student: torch.nn.Module | None = None) -> tuple[dict, torch.nn.Module]:
+        """Scores of the EMA student (``student``: that copy, already made) on ``num_samples``
+        samples (fixed seed), and that student; on the main process."""
         if not hasattr(self, "_scorer"):
             self._scorer = scorer_from_config(self.config.eval, self.config.data.dataset, self.device,
                                               reference=eval_reference(self.raw_dataset, self.config.eval))
-        student = self.eval_student()
+        student = self.eval_student() if student is None else student
         images, labels = self._draw(student, num_samples, seed=self.config.seed + 1, clamp=False)
         return self._scorer(images, labels), student
 
@@ -335,9 +428,10 @@ class DistillTrainer:
 
     def _log_scores(self, step: int) -> None:
         """Evaluate during training: log the scores and keep the best student so far."""
+        student = self.eval_student()  # every process: a sharded student is gathered; scored on the main one
         if not self.accelerator.is_main_process:
             return
-        metrics, student = self.scores(self.config.eval.every_num_samples)
+        metrics, student = self.scores(self.config.eval.every_num_samples, student)
         self.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "num_samples"}, step=step)
         runs.append_row(self.output_dir / runs.SCORES,
                         {"step": step, "minutes": round(self.state.elapsed_seconds / 60, 2), **metrics})
@@ -348,9 +442,12 @@ class DistillTrainer:
                           save_student=lambda directory: save_student(student, directory))
 
     def final_scores(self) -> dict | None:
-        if not self.accelerator.is_main_process or not (self.config.eval.features or self.config.eval.clip):
+        if not (self.config.eval.features or self.config.eval.clip):
             return None
-        metrics, _ = self.scores(self.config.eval.num_samples)
+        student = self.eval_student()  # every process: a sharded student is gathered; scored on the main one
+        if not self.accelerator.is_main_process:
+            return None
+        metrics, _ = self.scores(self.config.eval.num_samples, student)
         metrics.update(step=self.state.step, steps=len(self.sampler), timesteps=self.sampler.timesteps,
                        train_minutes=round(self.state.elapsed_seconds / 60, 2))
         runs.write_metrics(self.output_dir, metrics)

@@ -163,6 +163,16 @@ def build_tiny_sdxl(path: Path) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped without it (scripts/gpu_check.sh runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run scripts/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_dinov2(tmp_path_factory) -> Path:
     return build_tiny_dinov2(tmp_path_factory.mktemp("tiny") / "dinov2")

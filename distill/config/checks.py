@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 
-from distill.config.schema import Config, EvalConfig
+from distill.config.schema import Config, EvalConfig, check_scale_settings
 from distill.errors import ConfigError, SettingError
 from distill.sections import check_not_negative, check_positive, fail, local_or_hub
 
@@ -94,6 +94,7 @@ def _check(config: Config) -> None:
     m.check(num_steps=len(ts), backward_simulation=s.backward_simulation)
     s.lora.check("student.lora")
     _check_data(config)
+    check_scale_settings(config)
 
     adapter = teacher_adapter_class(config.teacher.path)
     scheduler = teacher_scheduler_config(config.teacher.path, config.teacher.revision)

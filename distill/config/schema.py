@@ -30,6 +30,11 @@ class TeacherConfig:
     dtype: Literal["float32", "float16", "bfloat16"] = setting(
         "float32", "dtype of the frozen teacher parts (denoiser, VAE, text encoders); trainable copies stay float32"
     )
+    offload: Literal["none", "encoders", "all"] = setting(
+        "none", "frozen teacher parts kept in CPU memory and moved to the accelerator only while they run: none, "
+        "encoders (text encoders and VAE) or all (the teacher's denoiser too; full students only, since a LoRA role's "
+        "base is the teacher's denoiser). Saves their memory for a transfer per use; a no-op on a CPU run"
+    )
 
 
 @dataclass
@@ -81,10 +86,18 @@ class DataConfig:
     min_image_size: Optional[int] = setting(
         None, "image_captions: the smallest short side of an image taken; smaller ones are bad items (null: the "
         "training resolution, so nothing is upscaled; 0: take any size, upscaling small ones)", minimum=0)
+    num_workers: int = setting(
+        0, "DataLoader worker processes that read and decode items ahead of the step (0: in the training process). "
+        "The order stays a pure function of the step, so resuming reads what the uninterrupted run read"
+    )
 
 
 @dataclass
 class OptimizerConfig:
+    name: Literal["adamw", "adamw8bit"] = setting(
+        "adamw", "adamw (torch.optim.AdamW) or adamw8bit (bitsandbytes' AdamW8bit: optimizer state in 8 bits, a "
+        "quarter of AdamW's; CUDA only, pip install 'distill[gpu]')"
+    )
     lr: float = setting(1e-5, "learning rate (constant after warm-up)")
     betas: list[float] = setting([0.0, 0.999], "Adam betas")
     weight_decay: float = setting(0.0, "AdamW weight decay")
@@ -105,7 +118,13 @@ class TrainConfig:
         "student steps in a row with a skipped update the run stops, its last checkpoint intact"
     )
     gradient_checkpointing: bool = setting(
-        False, "recompute the student's and fake score's activations in the backward pass (less memory, ~30% slower)"
+        False, "recompute the student's and fake score's activations in the backward pass (less memory, ~30% slower); "
+        "UNets and the DiT, PixArt, SD3 and FLUX transformers, full copies and LoRA roles alike"
+    )
+    compile: bool = setting(
+        False, "torch.compile the denoisers (teacher / shared base, full student and fake score copies) in place. "
+        "Pays a compile of minutes on the first steps, and each new input shape recompiles; worth it on GPUs for long "
+        "runs, not on a CPU (the digits UNet took ~380 s to compile on 2 cores and then ran slower)"
     )
     ema_decay: float = setting(0.99, "EMA decay of the student's weights (0 disables EMA)")
     checkpoint_every: int = setting(200, "save a resumable checkpoint every N student steps")
@@ -179,3 +198,22 @@ class Config:
     optim: OptimConfig = setting(OptimConfig(), "optimizers")
     train: TrainConfig = setting(TrainConfig(), "training loop")
     eval: EvalConfig = setting(EvalConfig(), "scoring at the end of training")
+
+
+def check_scale_settings(config: Config) -> None:
+    """The memory and speed switches (``teacher.offload``, ``optim.*.name``, ``data.num_workers``),
+    before any weights load."""
+    from importlib.util import find_spec
+
+    from distill.sections import fail
+
+    if config.data.num_workers < 0:
+        fail("data.num_workers", f"must not be negative, got {config.data.num_workers}")
+    lora_roles = config.student.lora.rank > 0 or getattr(getattr(config.method, "fake_score_lora", None), "rank", 0) > 0
+    if config.teacher.offload == "all" and lora_roles:
+        fail("teacher.offload", "'all' moves the teacher's denoiser off the device between uses, but LoRA roles train on "
+             "it (it is their shared base): use offload 'encoders', or full copies (LoRA ranks 0)")
+    for name in ("student", "critic"):
+        if getattr(config.optim, name).name == "adamw8bit" and find_spec("bitsandbytes") is None:
+            fail(f"optim.{name}.name", "adamw8bit needs bitsandbytes, which is not installed: pip install "
+                 "'distill[gpu]' (CUDA machines), or use adamw")

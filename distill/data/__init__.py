@@ -1,7 +1,8 @@
 """Datasets and the deterministic order in which training reads them.
 
 - ``digits``: the built-in benchmark (scikit-learn's digits, no network);
-- ``order``: ``step_generator``, ``EpochSampler`` and ``collate`` (resumable data order);
+- ``order``: ``step_generator``, ``EpochSampler``, ``collate`` and ``StepBatches`` (resumable data
+  order, read ahead by DataLoader workers);
 - ``classes``: class labels only, for data-free distillation of class-conditional latent
   teachers (DiT);
 - ``text``: prompts and captioned images through Hugging Face ``datasets``;
@@ -18,12 +19,12 @@ import torch
 from distill.data.cache import CachedDataset, cache_path, cached_dataset
 from distill.data.classes import CLASS_REPEATS, ClassLabelDataset
 from distill.data.digits import DIGITS_HOLDOUT, DIGITS_NUM_CLASSES, DigitsDataset, load_digits
-from distill.data.order import EpochSampler, collate, step_generator
+from distill.data.order import EpochSampler, StepBatches, StepGenerator, agreed, collate, collate_items, step_generator
 from distill.data.reference import image_reference_set, reference_set
 from distill.data.text import ImageCaptionDataset, PromptDataset, preprocess_image
 
 __all__ = ["CLASS_REPEATS", "CachedDataset", "ClassLabelDataset", "DIGITS_HOLDOUT", "DIGITS_NUM_CLASSES", "DigitsDataset",
-           "EpochSampler", "ImageCaptionDataset", "PromptDataset", "cache_path", "cached_dataset", "collate",
+           "EpochSampler", "ImageCaptionDataset", "StepBatches", "StepGenerator", "agreed", "collate_items", "PromptDataset", "cache_path", "cached_dataset", "collate",
            "image_reference_set", "load_digits", "make_dataset", "preprocess_image", "reference_set", "step_generator"]
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from distill.data.order import agreed
 from distill.denoiser import Denoiser
 from distill.discriminators import Discriminator
 from distill.losses import discriminator_penalty, projection_signs
@@ -41,11 +42,17 @@ def student_x0(teacher: "Teacher", sampler: FewStepSampler, student: nn.Module, 
     """x0 of the student at one of its steps, chosen at random. The first step's input is
     pure noise, as in sampling; a later step's input comes from running the student's own
     earlier steps (backward simulation, DMD2 §4.5) or from a real image noised to that
-    step's timestep (ADD §3.1)."""
+    step's timestep (ADD §3.1). The step is the same on every rank (``distill.data.agreed``:
+    the first draws of a step's generator are this function's)."""
     device = next(iter(cond.values())).device if cond else batch["image"].device
     n = len(next(v for k, v in batch.items() if k in ("class_label", "prompt", "image", "latent") or k.startswith("cond.")))
-    noise = torch.randn((n, *teacher.sample_shape), generator=generator).to(device)
+    shape = (n, *teacher.sample_shape)
+    noise = torch.randn(shape, generator=generator).to(device)
     k = int(torch.randint(0, len(sampler), (1,), generator=generator))
+    # every rank runs k student steps: the draw of rank 0 (the first of its step), replayed on
+    # each rank, so FSDP's per-forward collectives pair up; a single process draws what it drew
+    k = agreed(generator, lambda g: (torch.randn(shape, generator=g),
+                                     int(torch.randint(0, len(sampler), (1,), generator=g)))[1], k)
     G = Denoiser(teacher, student)
     x0_fn = lambda x_t, t: G.x0(x_t, t, cond)
     if backward_simulation or k == 0:
