@@ -20,6 +20,8 @@ from distill.teachers import load_teacher
 from distill.trainer import DistillTrainer
 
 RECIPES = {name: str(REPO / "recipes" / f"digits-{name}-1step.yaml") for name in ("add", "ladd", "dmd2-dinov2", "dmd2")}
+# a DMD2 recipe without DMD2-only keys (the default sets method.gan.critic_weight): method.name=add switches it
+PLAIN_DMD2 = str(REPO / "recipes" / "digits-dmd2-4step.yaml")
 
 
 # ---------------------------------------------------------------------------- losses
@@ -242,8 +244,8 @@ def test_gan_loss_defaults_to_each_papers_loss(tiny_teacher):
     base = [f"teacher.path={tiny_teacher}", "eval.features=[]", "eval.every=0", "eval.classifier=null"]
     assert config_lib.load(RECIPES["dmd2"], base).method.gan.loss == "non_saturating"
     add = ["method.name=add", "method.gan.weight=1", "method.gan.discriminator.backbone=teacher", "method.gan.loss=null"]
-    assert config_lib.load(RECIPES["dmd2"], base + add).method.gan.loss == "hinge"
-    assert config_lib.load(RECIPES["dmd2"], base + add[:-1] + ["method.gan.loss=relativistic"]).method.gan.loss == "relativistic"
+    assert config_lib.load(PLAIN_DMD2, base + add).method.gan.loss == "hinge"
+    assert config_lib.load(PLAIN_DMD2, base + add[:-1] + ["method.gan.loss=relativistic"]).method.gan.loss == "relativistic"
 
 
 @pytest.mark.parametrize(
@@ -254,7 +256,7 @@ def test_gan_loss_defaults_to_each_papers_loss(tiny_teacher):
         (["method.gan.discriminator.augment=true", "method.gan.weight=1"], "method.gan.discriminator.augment", "ADD only"),
         (["method.gan.discriminator.backbone=teacher", "method.gan.weight=0"], "method.gan.discriminator.backbone", "but method.gan.weight is 0"),
         (["method.name=add", "method.gan.weight=1", "method.gan.discriminator.backbone=dinov2",
-          "method.gan.discriminator.dinov2=./no/dinov2"], "method.gan.discriminator.dinov2", "has no config.json"),
+          "method.gan.discriminator.dinov2=./no/dinov2"], "method.gan.discriminator.dinov2", "does not exist"),
         (["method.name=add", "method.gan.discriminator.backbone=teacher", "method.distill_weighting=snr"],
          "method.distill_weighting", "snr"),
         (["method.distill_weight=1"], "method.distill_weight", "unknown key; method (dmd2) takes"),  # ADD's own key
@@ -262,7 +264,7 @@ def test_gan_loss_defaults_to_each_papers_loss(tiny_teacher):
 )
 def test_add_settings_are_checked_before_weights_load(overrides, key, message, tiny_teacher, tmp_path):
     with pytest.raises(config_lib.ConfigError) as excinfo:
-        config_lib.load(RECIPES["dmd2"], [
+        config_lib.load(PLAIN_DMD2, [
             f"teacher.path={tiny_teacher}", "eval.features=[]", "eval.every=0", "eval.classifier=null",
             # start from a valid DMD2 setting, then apply the case's overrides
             "method.name=dmd2", "method.gan.discriminator.backbone=fake_score", "method.gan.r1.kind=none",

@@ -377,7 +377,7 @@ def test_shifted_few_step_schedules_export_to_flux_pipeline(teachers):
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "flux-dmd2-4step-lora.yaml"
 
 
-def test_recipe_validates():
+def test_recipe_validates(shipped_hub_models):  # the hub teacher as if downloaded once
     from distill import config as config_lib
 
     config = config_lib.load(str(RECIPE), ["data.path=."])
