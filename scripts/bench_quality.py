@@ -40,8 +40,7 @@ from distill import evaluate
 from distill.config import EvalConfig
 from distill.data import load_digits
 
-DIGITS_RECIPES = ("digits-dmd2-1step", "digits-dmd2-1step-long", "digits-dmd2-2step", "digits-dmd2-4step",
-                  "digits-dmd2-dinov2-1step", "digits-add-1step", "digits-ladd-1step")
+DIGITS_RECIPES = tuple(sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "recipes").glob("digits-*.yaml")))
 STABLE = 1.5  # a run's last periodic FD within this factor of its best
 
 

@@ -66,9 +66,9 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
     if "lora-extract" in formats and (rank is None or rank < 1):
         raise ValueError(f"export format lora-extract needs the LoRA's rank, at least 1 (--rank N), got {rank}")
     if "single-file" in formats:
-        from distill.teachers.single_file import _layout
+        from distill.teachers.single_file import single_file_layout
 
-        _layout(pipe)  # an SD / SDXL pipeline, before anything is written
+        single_file_layout(pipe)  # raises for a pipeline the original layout has no names for, before anything is written
     teacher_denoiser = pipe.components[component]
     denoiser_class = type(teacher_denoiser).__name__
     out_dir = Path(out_dir)

@@ -57,14 +57,14 @@ def save_single_file(pipeline, path: str | Path, *, dtype: torch.dtype | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     prediction = pipeline.scheduler.config.get("prediction_type", "epsilon")
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, path,
-              metadata={"format": "pt", "distill.layout": _layout(pipeline), "distill.prediction_type": prediction})
+              metadata={"format": "pt", "distill.layout": single_file_layout(pipeline), "distill.prediction_type": prediction})
     return path
 
 
 def single_file_state_dict(pipeline) -> dict[str, Tensor]:
     """The pipeline's UNet, VAE and text encoder(s) under the original key names (see the
     module docstring). Raises for a pipeline or module this layout has no names for."""
-    layout = _layout(pipeline)
+    layout = single_file_layout(pipeline)
     state = _prefixed(UNET_PREFIX, unet_to_ldm(pipeline.unet.state_dict(), dict(pipeline.unet.config)))
     state.update(_prefixed(VAE_PREFIX, vae_to_ldm(pipeline.vae.state_dict(), dict(pipeline.vae.config))))
     if layout == "sdxl":
@@ -79,7 +79,7 @@ def single_file_state_dict(pipeline) -> dict[str, Tensor]:
     return state
 
 
-def _layout(pipeline) -> str:
+def single_file_layout(pipeline) -> str:
     """"sd1", "sd2" or "sdxl": which original checkpoint layout the pipeline's parts take."""
     missing = [name for name in ("unet", "vae", "text_encoder") if getattr(pipeline, name, None) is None]
     if missing:
