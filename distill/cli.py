@@ -109,6 +109,8 @@ def _eval(args) -> None:
     from distill.factories import dataset_from_config, eval_reference, scorer_from_config
     from distill.grids import save_grid
 
+    if args.draws < 1:
+        raise SystemExit(f"distill eval: --draws {args.draws}; give 1 or more draws")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     targets, run_config = _target(args, device)
     overrides = [f"{key}={value}" for key, value in (("eval.num_samples", args.num), ("eval.features", args.features),
@@ -124,7 +126,7 @@ def _eval(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows, scorer = [], None
     for target in targets:
-        images, labels = target.draw(config.eval.num_samples, args.seed, clamp=False)
+        images, labels = target.draw(config.eval.num_samples * args.draws, args.seed, clamp=False)
         if scorer is None:  # the reference images of an image-caption set come at the targets' size
             reference = None
             if config.data.dataset == "image_captions":
@@ -133,7 +135,8 @@ def _eval(args) -> None:
                 raise ValueError(f"{config.data.dataset} data have no reference images for FD or CMMD: score with --features "
                                  "[] (and --clip for prompts), or give --reference")
             scorer = scorer_from_config(config.eval, config.data.dataset, device, reference=reference)
-        row = {"name": target.name, "steps": target.steps, **scorer(images, labels)}
+        scores = scorer.over_draws(images, labels, args.draws) if args.draws > 1 else scorer(images, labels)
+        row = {"name": target.name, "steps": target.steps, **scores}
         if not args.no_speed:
             row.update(evaluate.measure_speed(target.draw, batch_size=config.eval.batch_size, device=device))
         rows.append(row)
@@ -237,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--out", default=None, help="output directory (default: RUN/eval, else eval/<target name>)")
             p.add_argument("--num", type=int, default=None, help="samples per target (default: eval.num_samples)")
+            p.add_argument("--draws", type=int, default=1, help="score this many disjoint draws of --num samples each (one "
+                                                                 "seed) and report their mean, with FD's spread (FD sd)")
             p.add_argument("--features", default=None, help="feature spaces, e.g. [classifier,dinov2] (default: eval.features)")
             p.add_argument("--classifier", default=None, help="scoring classifier (default: eval.classifier)")
             p.add_argument("--dinov2", default=None, help="DINOv2 checkpoint for the dinov2 features (default: eval.dinov2)")

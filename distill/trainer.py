@@ -20,6 +20,7 @@ replicated, and a sharded student is gathered for checkpoints, samples and score
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -83,14 +84,16 @@ class DistillTrainer:
             for network in {id(n): n for n in (self.teacher.denoiser, student, fake_score)
                             if n is not None and not isinstance(n, LoraRole)}.values():
                 network.compile()
-        optimizer_s, schedule_s = self._setup_optimizer(trainable_parameters(student), cfg.optim.student)
+        optimizer_s, schedule_s = self._setup_optimizer(trainable_parameters(student), cfg.optim.student,
+                                                          updates=cfg.train.max_steps)
         self.critic = self.optimizer_c = self.lr_c = None  # a method without a critic
         # one prepare call per trained network (FSDP2 shards one model a call, DeepSpeed makes one engine each)
         limits = dict(micro_batch_size=cfg.data.batch_size, max_grad_norm=cfg.train.max_grad_norm)
         self.student, self.optimizer_s, self.lr_s = parallel.prepare_trained(self.accelerator, student, optimizer_s,
                                                                              schedule_s, **limits)
         if critic is not None:
-            optimizer_c, schedule_c = self._setup_optimizer(trainable_parameters(critic), cfg.optim.critic)
+            optimizer_c, schedule_c = self._setup_optimizer(trainable_parameters(critic), cfg.optim.critic,
+                                                              updates=cfg.train.max_steps * self.method.critic_updates)
             self.critic, self.optimizer_c, self.lr_c = parallel.prepare_trained(self.accelerator, critic, optimizer_c,
                                                                                 schedule_c, **limits)
         self.ema = self._setup_ema()
@@ -120,7 +123,8 @@ class DistillTrainer:
                     enable_gradient_checkpointing(network)
         return student, fake_score
 
-    def _setup_optimizer(self, parameters, optim: config_lib.OptimizerConfig):
+    def _setup_optimizer(self, parameters, optim: config_lib.OptimizerConfig, updates: int):
+        """AdamW over ``parameters`` and its learning-rate schedule over ``updates`` optimizer steps."""
         hyper = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
         if optim.name == "adamw8bit":
             from bitsandbytes.optim import AdamW8bit  # the config check made sure it is installed
@@ -128,8 +132,11 @@ class DistillTrainer:
             optimizer = AdamW8bit(parameters, **hyper)
         else:  # fused: one kernel over all tensors; on a CPU 4-5x faster than the default (docs/scale.md)
             optimizer = torch.optim.AdamW(parameters, fused=True, **hyper)
-        warmup = optim.warmup_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        # Accelerate's wrapper steps a schedule once per process each update (DeepSpeed's engine once): the
+        # factor reads the update's index, so warm-up and decay last the same steps on any number of processes
+        per_update = 1 if parallel.uses_deepspeed(self.accelerator) else self.accelerator.num_processes
+        factor = lr_factor(optim, updates)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda count: factor(count // per_update))
         return optimizer, schedule
 
     def _setup_ema(self) -> parallel.EMA | None:
@@ -453,3 +460,21 @@ class DistillTrainer:
         runs.write_metrics(self.output_dir, metrics)
         self.accelerator.print(f"scores of the {len(self.sampler)}-step student: {json.dumps(metrics)}")
         return metrics
+
+
+def lr_factor(optim: config_lib.OptimizerConfig, updates: int):
+    """The learning rate of optimizer step ``i`` (0-based) as a fraction of ``optim.lr``: a linear
+    warm-up over ``optim.warmup_steps``, then constant or decayed (cosine / linear) to
+    ``optim.decay_to`` at step ``updates``."""
+    warmup, floor = optim.warmup_steps, optim.decay_to
+
+    def factor(i: int) -> float:
+        if warmup and i < warmup:
+            return (i + 1) / warmup
+        if optim.decay == "constant":
+            return 1.0
+        done = min(1.0, (i - warmup) / max(1, updates - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * done)) if optim.decay == "cosine" else 1 - done
+        return floor + (1 - floor) * shape
+
+    return factor

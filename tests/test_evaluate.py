@@ -175,6 +175,26 @@ def test_scorer_on_the_real_digits_against_themselves(tmp_path):
     assert flipped["fd_classifier"] > 10 and flipped["recall_classifier"] < 0.9 and flipped["class_accuracy"] < 0.8
 
 
+def test_scores_over_draws_are_the_mean_of_the_parts_scored_apart(tmp_path):
+    from distill.data import reference_set
+
+    _, images, labels = reference_set("digits")
+    images, labels = images[:1200], labels[:1200]
+    scorer = _scorer(REPO / "models" / "digits-classifier", tmp_path)
+    mirrored = torch.cat([images[:600], images[600:].flip(-1)])  # the second draw another distribution
+    parts = [scorer(mirrored[:600], labels[:600]), scorer(mirrored[600:], labels[600:])]
+    over = scorer.over_draws(mirrored, labels, 2)
+    for key in ("fd_classifier", "recall_classifier", "class_accuracy"):
+        assert over[key] == pytest.approx((parts[0][key] + parts[1][key]) / 2)
+    fds = [p["fd_classifier"] for p in parts]
+    assert fds[1] > 10 * fds[0]
+    assert over["fd_classifier_sd"] == pytest.approx(abs(fds[1] - fds[0]) / 2 ** 0.5)
+    assert over["num_samples"] == 600 and over["draws"] == 2
+    assert scorer.over_draws(images[:600], labels[:600], 1)["fd_classifier_sd"] == 0.0
+    with pytest.raises(ValueError, match="1200 images do not split into 7 equal draws"):
+        scorer.over_draws(mirrored, labels, 7)
+
+
 def test_measure_speed_times_after_warmup(monkeypatch):
     clock = [0.0]
     calls = []

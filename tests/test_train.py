@@ -105,6 +105,30 @@ def test_gan_with_exact_r1_and_accumulation_trains_the_head(tiny_teacher, tmp_pa
     assert not torch.equal(head[weight], fresh[weight])
 
 
+def test_learning_rates_decay_over_their_own_updates(tiny_teacher, tmp_path):
+    """A linear decay to half the rate at train.max_steps: the student's rate after each of its 4 updates, and
+    the critic's over its 2 x 4 updates (critic_updates 2), logged as the run trains."""
+    run = tmp_path / "decay"
+    extra = {"train.max_steps": 4, "train.sample_every": 0, "train.checkpoint_every": 4, "method.critic_updates": 2,
+             "optim.student.decay": "linear", "optim.student.decay_to": 0.5, "optim.critic.decay": "cosine",
+             "optim.critic.decay_to": 0.0}
+    train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, None, run, **extra)])
+    rows = _losses(run)
+    assert [r["lr/student"] for r in rows] == pytest.approx([1e-4 * f for f in (0.875, 0.75, 0.625, 0.5)])
+    cosine = [0.5 * (1 + math.cos(math.pi * 2 * k / 8)) for k in (1, 2, 3, 4)]
+    assert [r["lr/critic"] for r in rows] == pytest.approx([2e-4 * f for f in cosine], abs=1e-12)
+
+
+def test_warmup_then_constant_rate():
+    from distill.config.schema import OptimizerConfig
+    from distill.trainer import lr_factor
+
+    factor = lr_factor(OptimizerConfig(warmup_steps=4), 100)
+    assert [factor(i) for i in (0, 1, 3, 4, 99, 500)] == [0.25, 0.5, 1.0, 1.0, 1.0, 1.0]
+    cosine = lr_factor(OptimizerConfig(warmup_steps=10, decay="cosine", decay_to=0.1), 110)
+    assert [round(cosine(i), 6) for i in (9, 10, 60, 110, 200)] == [1.0, 1.0, 0.55, 0.1, 0.1]
+
+
 def test_find_checkpoint_says_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "checkpoints")):
         find_checkpoint(tmp_path)
@@ -116,12 +140,15 @@ def test_two_process_launch(tiny_teacher, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "distill.train", RECIPE_4STEP,
-               *tiny_overrides(tiny_teacher, None, run, **{"train.sample_every": 0, "method.gan.weight": 0.1})]
+               *tiny_overrides(tiny_teacher, None, run, **{"train.sample_every": 0, "method.gan.weight": 0.1,
+                                                           "optim.student.warmup_steps": 4})]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _losses(run)
     assert [r["step"] for r in rows] == [1, 2]
+    # Accelerate steps a schedule once per process each update: the warm-up still counts updates, not processes
+    assert [r["lr/student"] for r in rows] == pytest.approx([5e-5 * 2 / 4, 5e-5 * 3 / 4])
     assert (find_checkpoint(run) / "student" / "diffusion_pytorch_model.safetensors").is_file()
 
 

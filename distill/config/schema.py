@@ -98,10 +98,14 @@ class OptimizerConfig:
         "adamw", "adamw (torch.optim.AdamW) or adamw8bit (bitsandbytes' AdamW8bit: optimizer state in 8 bits, a "
         "quarter of AdamW's; CUDA only, pip install 'distill[gpu]')"
     )
-    lr: float = setting(1e-5, "learning rate (constant after warm-up)")
+    lr: float = setting(1e-5, "learning rate (after warm-up; see decay)")
     betas: list[float] = setting([0.0, 0.999], "Adam betas")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     warmup_steps: int = setting(0, "linear learning-rate warm-up, in optimizer steps")
+    decay: Literal["constant", "cosine", "linear"] = setting(
+        "constant", "learning rate after warm-up: constant, or a cosine / linear decay from lr to decay_to x lr at "
+        "train.max_steps (the critic's horizon is its own updates: max_steps x method.critic_updates)")
+    decay_to: float = setting(0.0, "the decayed learning rate at train.max_steps, as a fraction of lr", minimum=0.0)
 
 
 @dataclass
