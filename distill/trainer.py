@@ -43,7 +43,8 @@ from distill.methods.common import to_device
 from distill.offload import Offload
 from distill.sampling import draw_student
 from distill.students import (FewStepSampler, LoraRole, enable_gradient_checkpointing, eval_copy, lora_config,
-                               make_roles, make_student, save_student, set_trainable, trainable_parameters)
+                               lora_state_dict, make_roles, make_student, save_lora_files, save_student, set_trainable,
+                               trainable_parameters)
 from distill.teachers import COND_PREFIX, load_teacher
 from distill.timing import PhaseTimer
 from distill.train_state import TrainState
@@ -84,6 +85,15 @@ class DistillTrainer:
             for network in {id(n): n for n in (self.teacher.denoiser, student, fake_score)
                             if n is not None and not isinstance(n, LoraRole)}.values():
                 network.compile()
+        self.eval_role = None  # a LoRA student's frozen sibling on a sharded shared base (samples, EMA)
+        roles = [r for r in (student, fake_score) if isinstance(r, LoraRole)]
+        self.base_sharded = parallel.shards_shared_base(self.accelerator, roles)
+        self.student_class = type(student)  # a full student's, before Accelerate may swap it for its FSDP subclass
+        if self.base_sharded:  # before the optimizers: they hold the shards
+            if isinstance(student, LoraRole):  # injected now, to be sharded with the base
+                self.eval_role = eval_copy(student)
+                roles.append(self.eval_role)
+            parallel.shard_shared_base(self.accelerator, self.teacher.denoiser, roles)
         optimizer_s, schedule_s = self._setup_optimizer(trainable_parameters(student), cfg.optim.student,
                                                           updates=cfg.train.max_steps)
         self.critic = self.optimizer_c = self.lr_c = None  # a method without a critic
@@ -228,7 +238,7 @@ class DistillTrainer:
             norm = self.accelerator.clip_grad_norm_(parameters, self.config.train.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-        logs["grad_norm"] = torch.as_tensor(norm).detach().float()
+        logs["grad_norm"] = parallel.full_tensors([torch.as_tensor(norm)])[0].detach().float()  # FSDP2: a DTensor
         finite = finite * torch.isfinite(logs["grad_norm"].to(self.device))
         applied = bool(self.accelerator.reduce(finite.float(), reduction="sum") == self.accelerator.num_processes)
         with self.timer.phase("optimizer"):
@@ -355,8 +365,15 @@ class DistillTrainer:
         """A copy of the student holding the EMA weights (or the raw weights without EMA), on
         the main process. A sharded student (FSDP2, ZeRO-3) is gathered, a collective: then
         every process calls this and the others get None; otherwise only the main process
-        needs to, and a call elsewhere returns None too."""
+        needs to, and a call elsewhere returns None too. A LoRA student on a sharded shared
+        base is its eval adapter on that base, filled on every process and returned to every
+        process: sampling through it is a collective too (``samples_on_every_process``)."""
         main = self.accelerator.is_main_process
+        if self.eval_role is not None:
+            student = eval_copy(self.accelerator.unwrap_model(self.student))  # the shards, copied on each process
+            if self.ema is not None:
+                self.ema.copy_to(trainable_parameters(student))
+            return student
         if not parallel.is_sharded(self.accelerator):
             if not main:
                 return None
@@ -368,13 +385,28 @@ class DistillTrainer:
         weights = self.ema.whole() if self.ema is not None else None
         if not main:
             return None
-        student = make_student(self.teacher.denoiser)  # the bare network (no LoRA roles under sharding)
+        # the bare network of a full student (LoRA students are above); a sharded base is not copied
+        student = (self.student_class.from_config(self.teacher.denoiser.config) if self.base_sharded
+                   else make_student(self.teacher.denoiser))
         student.load_state_dict(state)
         if weights is not None:
             with torch.no_grad():
                 for p, w in zip(trainable_parameters(student), weights):
                     p.copy_(w)
         return student.to(self.device).eval().requires_grad_(False)
+
+    @property
+    def samples_on_every_process(self) -> bool:
+        """Whether drawing from the eval student is a collective (its base is sharded)."""
+        return self.eval_role is not None
+
+    def _student_writer(self, student: torch.nn.Module | None):
+        """``write(directory)`` that saves ``student`` there, for the main process. Every
+        process calls this: a LoRA role on a sharded base is gathered here, once."""
+        if self.eval_role is None:
+            return lambda directory: save_student(student, directory)
+        state, config = lora_state_dict(student)
+        return lambda directory: save_lora_files(state, config, directory)
 
     def save_checkpoint(self) -> Path:
         """Accelerate state plus ``student/`` (diffusers format, EMA weights), written by every
@@ -385,8 +417,9 @@ class DistillTrainer:
             accelerator.wait_for_everyone()
             accelerator.save_state(str(staging))
             student = self.eval_student()  # every process: a sharded student is gathered
+            write = self._student_writer(student)
             if main:
-                save_student(student, staging / runs.STUDENT)
+                write(staging / runs.STUDENT)
             accelerator.wait_for_everyone()
             if main:  # last, listing the size of every process's files
                 runs.write_checkpoint_info(staging, step=self.state.step, timesteps=self.sampler.timesteps,
@@ -413,20 +446,26 @@ class DistillTrainer:
 
     def write_samples(self, step: int) -> None:
         student = self.eval_student()  # every process: a sharded student is gathered; sampled on the main one
+        if not (self.samples_on_every_process or self.accelerator.is_main_process):
+            return
+        images, _ = self._draw(student, self.config.train.num_grid_samples, seed=self.config.seed)  # the same on every process
         if not self.accelerator.is_main_process:
             return
-        images, _ = self._draw(student, self.config.train.num_grid_samples, seed=self.config.seed)
         save_grid(images, runs.samples_path(self.output_dir, step))
         trackers.log_images(self.accelerator, "samples", image_grid(images.float().cpu()), step)
 
-    def scores(self, num_samples: int, student: torch.nn.Module | None = None) -> tuple[dict, torch.nn.Module]:
+    def scores(self, num_samples: int, student: torch.nn.Module | None = None) -> tuple[dict | None, torch.nn.Module]:
         """Scores of the EMA student (``student``: that copy, already made) on ``num_samples``
-        samples (fixed seed), and that student; on the main process."""
+        samples (fixed seed), and that student; on the main process. Where drawing is a
+        collective (``samples_on_every_process``) every process calls this and the others
+        get None for the scores."""
+        student = self.eval_student() if student is None else student
+        images, labels = self._draw(student, num_samples, seed=self.config.seed + 1, clamp=False)
+        if not self.accelerator.is_main_process:
+            return None, student
         if not hasattr(self, "_scorer"):
             self._scorer = scorer_from_config(self.config.eval, self.config.data.dataset, self.device,
                                               reference=eval_reference(self.raw_dataset, self.config.eval))
-        student = self.eval_student() if student is None else student
-        images, labels = self._draw(student, num_samples, seed=self.config.seed + 1, clamp=False)
         return self._scorer(images, labels), student
 
     @property
@@ -436,9 +475,12 @@ class DistillTrainer:
     def _log_scores(self, step: int) -> None:
         """Evaluate during training: log the scores and keep the best student so far."""
         student = self.eval_student()  # every process: a sharded student is gathered; scored on the main one
-        if not self.accelerator.is_main_process:
+        if not (self.samples_on_every_process or self.accelerator.is_main_process):
             return
         metrics, student = self.scores(self.config.eval.every_num_samples, student)
+        write = self._student_writer(student)
+        if not self.accelerator.is_main_process:
+            return
         self.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "num_samples"}, step=step)
         runs.append_row(self.output_dir / runs.SCORES,
                         {"step": step, "minutes": round(self.state.elapsed_seconds / 60, 2), **metrics})
@@ -446,15 +488,17 @@ class DistillTrainer:
         plot_against_step(runs.read_rows(self.output_dir / runs.SCORES), [self.best_metric, f"recall_{space}"],
                           self.output_dir / runs.SCORES_PLOT)
         runs.keep_if_best(self.output_dir, step=step, scores=metrics, metric=self.best_metric,
-                          save_student=lambda directory: save_student(student, directory))
+                          save_student=write)
 
     def final_scores(self) -> dict | None:
         if not (self.config.eval.features or self.config.eval.clip):
             return None
         student = self.eval_student()  # every process: a sharded student is gathered; scored on the main one
-        if not self.accelerator.is_main_process:
+        if not (self.samples_on_every_process or self.accelerator.is_main_process):
             return None
         metrics, _ = self.scores(self.config.eval.num_samples, student)
+        if not self.accelerator.is_main_process:
+            return None
         metrics.update(step=self.state.step, steps=len(self.sampler), timesteps=self.sampler.timesteps,
                        train_minutes=round(self.state.elapsed_seconds / 60, 2))
         runs.write_metrics(self.output_dir, metrics)

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The GPU check of issue 13, one table in at most 8 minutes on one GPU (sized for an 80-140 GB card).
+# The GPU check of issue 13, one table in at most 9 minutes on one GPU (sized for an 80-140 GB card).
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]        # OUT_DIR (default gpu-check/) receives table.md and logs
 #
-# Rows, each with a time budget (seconds) so the whole fits in 8 minutes:
+# Rows, each with a time budget (seconds) so the whole fits in 9 minutes:
 #   tests       pytest -m gpu (the GPU-marked tests: approximated R1 under bf16 / fp16 / fp32)   50
 #   bench       scripts/bench_scale.py in bf16 at the recipes' resolutions: SDXL UNet at 1024 px
 #               shared-base LoRA and full student (140), SD3-medium shared base (70), FLUX.1
 #               shared base with gradient checkpointing (90; full copies: computed, not run)
 #   fsdp2       accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 1
 #               of recipes/sd15-dmd2-1step.yaml on a tiny SD pipeline, bf16, 2 steps, EMA       60
+#   fsdp2-lora  the same launch of recipes/sd15-dmd2-4step-lora.yaml (LoRA student + LoRA fake
+#               score: the shared base sharded once), bf16 teacher and autocast, 2 steps, EMA   60
 #   zero2       the same through configs/accelerate/deepspeed-zero2.yaml (needs deepspeed)         60
 #   r1          the approximated-R1 penalty of one discriminator under bf16 / fp16 / fp32 autocast:
 #               in distill's float32 context and, for contrast, left to autocast                 10
@@ -62,18 +64,41 @@ args = latent_recipe_overrides("recipes/sd15-dmd2-1step.yaml", teacher, work, wo
                                **{"train.mixed_precision": "bf16", "train.sample_every": 0, "train.ema_decay": 0.99})
 print("\n".join(a for a in args if not a.startswith("data.path")) + f"\ndata.path={work / 'prompts.txt'}")
 EOF
-launch() {  # label, accelerate config
-  local label=$1 config=$2 run="$WORK/run-$1"
-  mapfile -t args < <(sed "s#$WORK/RUN#$run#" "$WORK/tiny-args.txt")
+python - "$WORK" <<'EOF' > "$WORK/tiny-lora-args.txt"  # the LoRA recipe reads images: 8 random ones, captioned
+import json, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+sys.path.insert(0, "tests")
+from conftest import TEXT_PROMPTS, latent_recipe_overrides
+work = Path(sys.argv[1])
+images = work / "images"
+images.mkdir(exist_ok=True)
+rng = np.random.default_rng(0)
+rows = []
+for i in range(8):
+    Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    rows.append(json.dumps({"file_name": f"{i}.png", "text": TEXT_PROMPTS[i % len(TEXT_PROMPTS)]}))
+(images / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+args = latent_recipe_overrides("recipes/sd15-dmd2-4step-lora.yaml", work / "tiny-sd", work, work / "RUN",
+                               **{"train.mixed_precision": "bf16", "teacher.dtype": "bfloat16", "train.sample_every": 0,
+                                  "train.ema_decay": 0.99, "student.lora.rank": 4, "method.fake_score_lora.rank": 4})
+print("\n".join(args))
+EOF
+launch() {  # label, accelerate config[, recipe, arguments file, the student file a checkpoint must hold]
+  local label=$1 config=$2 recipe=${3:-recipes/sd15-dmd2-1step.yaml} argfile=${4:-$WORK/tiny-args.txt}
+  local weights=${5:-diffusion_pytorch_model.safetensors} run="$WORK/run-$1"
+  mapfile -t args < <(sed "s#$WORK/RUN#$run#" "$argfile")
   if timeout 60 accelerate launch --config_file "$config" --num_processes 1 -m distill.train \
-      recipes/sd15-dmd2-1step.yaml "${args[@]}" > "$OUT/$label.log" 2>&1 \
-      && ls "$run"/checkpoints/*/student/diffusion_pytorch_model.safetensors > /dev/null 2>&1; then
+      "$recipe" "${args[@]}" > "$OUT/$label.log" 2>&1 \
+      && ls "$run"/checkpoints/*/student/"$weights" > /dev/null 2>&1; then
     row "$label (accelerate launch, 1 GPU)" pass "2 steps, checkpoint student/ written; $(tail -1 "$run/times.jsonl" | cut -c1-120)"
   else
     row "$label (accelerate launch, 1 GPU)" FAIL "see $label.log: $(grep -m1 -E 'Error|error' "$OUT/$label.log" | cut -c1-160)"
   fi
 }
 launch fsdp2 configs/accelerate/fsdp2.yaml
+launch fsdp2-lora configs/accelerate/fsdp2.yaml recipes/sd15-dmd2-4step-lora.yaml "$WORK/tiny-lora-args.txt" adapter_model.safetensors
 if python -c "import deepspeed" 2> /dev/null; then
   launch zero2 configs/accelerate/deepspeed-zero2.yaml
 else

@@ -65,18 +65,26 @@ def test_student_x0_runs_as_many_forwards_on_every_rank(tiny_teacher):
     assert len({counts[0, i] for i in range(12)}) > 1  # k varies over steps: simulation ran 0..3 steps
 
 
-@pytest.mark.slow
-def test_two_processes_agree_on_forwards_and_fsdp2_gathers_what_is_sharded(tiny_teacher, tmp_path):
-    """Two CPU processes (gloo): the per-rank forward counts of backward simulation, and FSDP2's
-    shards read whole by the paths checkpoints, EMA and samples take."""
-    out = tmp_path / "two_ranks.json"
+@pytest.fixture(scope="module")
+def two_ranks(tiny_teacher, tmp_path_factory) -> dict:
+    """What ``tests/two_ranks.py`` found, run once for the tests below: two CPU processes under
+    torchrun (gloo)."""
+    work = tmp_path_factory.mktemp("two_ranks")
+    out = work / "two_ranks.json"
     # torchrun: accelerate launch --cpu starts one process per --num_processes without a process group
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "tests" / "two_ranks.py"), str(tiny_teacher), str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_forwards_and_fsdp2_gathers_what_is_sharded(two_ranks):
+    """Two CPU processes (gloo): the per-rank forward counts of backward simulation, and FSDP2's
+    shards read whole by the paths checkpoints, EMA and samples take."""
+    found = two_ranks
     assert found["world"] == 2
     rank0, rank1 = found["forwards"]
     assert rank0 == rank1 and len(set(rank0)) > 1
@@ -85,6 +93,31 @@ def test_two_processes_agree_on_forwards_and_fsdp2_gathers_what_is_sharded(tiny_
     for key in ("direct_matches_root", "sharded_matches_plain", "weights_gathered", "ema_state_whole", "ema_reloaded",
                 "state_keys_match", "copy_matches"):
         assert found[key], key
+
+
+@pytest.mark.slow
+def test_lora_roles_train_on_one_fsdp2_sharded_base_as_on_an_unsharded_one(two_ranks):
+    """A LoRA student and a LoRA fake score on the teacher's one network, sharded once with
+    FSDP2 across two CPU processes (Accelerate's fsdp2_prepare_model, as the trainer applies
+    it), against an unsharded twin trained in one process on both ranks' rows."""
+    found = two_ranks["lora"]
+    assert found["adapter_type"] == "DTensor"
+    assert {"FSDPUNet2DModel", "FSDPResnetBlock2D"} <= set(found["units"])  # the base and its blocks, one unit each
+    assert found["frozen_local_fraction"] == pytest.approx(0.5, abs=0.01)  # each rank holds half the frozen teacher
+    for key in ("teacher_diff", "student_diff", "eval_diff", "loaded_diff"):  # (max |difference|, allclose 1e-5)
+        assert found[key][1] and found[key][0] < 1e-5, (key, found[key])
+    # generator phase: the student's 52 adapter tensors all got a gradient and moved; the frozen fake score none
+    assert found["generator"][1:] == [52, 0] and found["fake_grads_in_generator_phase"] == 0
+    assert found["generator_changed"] == {"student": [52, 52], "fake": [0, 54]}
+    # critic phase: the student's adapter (trainable, no gradient) is left alone; the fake score's moved
+    # (53 of its 54 tensors: the head's bias is unused by CriticLike)
+    assert found["critic"][1:] == [53, 1] and found["critic_changed"] == {"student": [0, 52], "fake": [53, 54]}
+    for phase in ("generator", "critic"):  # the clipped gradient norm is the twin's
+        assert found[phase][0] == pytest.approx(found[f"twin_{phase}"][0], rel=1e-5)
+    assert found["same_on_ranks"] and found["base_unchanged"]
+    assert found["twin_diff"] < 1e-4  # every adapter tensor after both AdamW steps (lr 1e-2), gathered, vs the twin's
+    assert found["files_diff"][0] and found["files_diff"][1] < 1e-5  # student/ files: the twin student's adapter
+    assert found["accelerate_reloaded"] and found["optimizer_reloaded"] and found["ema_whole"]
 
 
 def test_a_sharded_student_is_saved_from_its_gathered_state(tiny_teacher, tmp_path, monkeypatch):
@@ -110,6 +143,127 @@ def test_a_sharded_student_is_saved_from_its_gathered_state(tiny_teacher, tmp_pa
     saved = load_file(find_checkpoint(run) / "student" / "diffusion_pytorch_model.safetensors")
     assert gathered and saved.keys() == gathered[-1].keys()
     assert all(torch.equal(saved[k], gathered[-1][k]) for k in saved)
+
+
+# --------------------------------------------------------------------------------- which plugin shards what
+def _launch(kind: str, **fsdp):
+    """A stand-in for an Accelerator launched with ``kind`` (what ``distill.parallel`` reads of one)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    if kind.startswith("zero"):
+        plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": int(kind[-1])}})
+        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, is_fsdp2=False, state=SimpleNamespace(deepspeed_plugin=plugin))
+    if kind == "ddp":
+        return SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, is_fsdp2=False, state=SimpleNamespace())
+    plugin = SimpleNamespace(fsdp_version=fsdp.get("version", 2), cpu_ram_efficient_loading=fsdp.get("ram_efficient", False))
+    return SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=plugin.fsdp_version == 2,
+                           state=SimpleNamespace(fsdp_plugin=plugin))
+
+
+def test_check_roles_lets_lora_roles_train_under_fsdp2_ddp_and_zero2_and_refuses_what_cannot(one_thread):
+    from distill.parallel import check_roles
+
+    for kind in ("ddp", "zero2", "fsdp2"):
+        check_roles(_launch(kind), lora_roles=True, ema=True)
+    with pytest.raises(ValueError, match="under DeepSpeed ZeRO-3: ZeRO-3 would partition the adapters away.*fsdp2.yaml"):
+        check_roles(_launch("zero3"), lora_roles=True, ema=False)
+    with pytest.raises(ValueError, match="LoRA roles under FSDP1.*fsdp_version: 2"):
+        check_roles(_launch("fsdp", version=1), lora_roles=True, ema=False)
+    with pytest.raises(ValueError, match="fsdp_cpu_ram_efficient_loading: true.*set it to false"):
+        check_roles(_launch("fsdp2", ram_efficient=True), lora_roles=True, ema=False)
+    check_roles(_launch("fsdp2", ram_efficient=True), lora_roles=False, ema=False)  # full copies: Accelerate's as ever
+    check_roles(_launch("zero3"), lora_roles=False, ema=False)
+    with pytest.raises(ValueError, match="train.ema_decay > 0 under DeepSpeed ZeRO-3"):
+        check_roles(_launch("zero3"), lora_roles=False, ema=True)
+
+
+def test_the_shared_base_is_sharded_only_under_fsdp2_with_a_lora_role_and_roles_are_left_to_it(tiny_teacher, one_thread):
+    """Which networks each role combination shards, and what a role's own prepare call must
+    leave to the shared base (its adapter: Accelerate's ignored_modules)."""
+    from types import SimpleNamespace
+
+    from distill.methods.dmd2 import Critic
+    from distill.parallel import fsdp2_units, role_views, shards_shared_base, wrap_classes
+    from distill.students import lora_config, make_roles
+    from distill.teachers import load_teacher
+
+    teacher = load_teacher(str(tiny_teacher))
+    config = lora_config(rank=2, alpha=None, target_modules=["conv1"])
+    _, lora_student, lora_fake = make_roles(teacher.denoiser, student_lora=config, fake_score_lora=config)
+    _, full_student, full_fake = make_roles(load_teacher(str(tiny_teacher)).denoiser, student_lora=None, fake_score_lora=None)
+    combos = {"both LoRA": (lora_student, lora_fake), "LoRA student": (lora_student, full_fake),
+              "LoRA fake score": (full_student, lora_fake), "LoRA student, no fake score": (lora_student, None),
+              "full copies": (full_student, full_fake)}
+    for name, roles in combos.items():
+        lora = name != "full copies"
+        assert shards_shared_base(_launch("fsdp2"), list(roles)) is lora, name
+        for kind in ("ddp", "zero2", "zero3"):
+            assert not shards_shared_base(_launch(kind), list(roles)), (name, kind)
+    critic_lora, critic_full = Critic(lora_fake, teacher), Critic(full_fake, teacher)
+    assert role_views(critic_lora) == [lora_fake] and role_views(lora_student) == [lora_student]
+    assert role_views(critic_full) == [] and role_views(full_student) == []
+    plugin = SimpleNamespace(ignored_modules=None, auto_wrap_policy=None, transformer_cls_names_to_wrap=None)
+    with fsdp2_units(plugin, critic_lora):
+        assert plugin.ignored_modules == [lora_fake] and plugin.transformer_cls_names_to_wrap == []
+    assert plugin.ignored_modules is None  # the plugin as it was
+    with fsdp2_units(plugin, critic_full):
+        assert plugin.ignored_modules is None and plugin.transformer_cls_names_to_wrap == ["UNet2DModel"]
+    teacher.denoiser._no_split_modules = ["ResnetBlock2D"]  # a network's own blocks are units of its own prepare call
+    assert wrap_classes(teacher.denoiser) == ["ResnetBlock2D"]
+
+
+def test_a_lora_student_on_a_sharded_base_is_filled_drawn_and_saved_on_every_process(tiny_teacher, tmp_path, monkeypatch):
+    """The trainer's path for a shared base that ``shard_shared_base`` shards (here a no-op:
+    Accelerate runs no FSDP on a CPU): the eval adapter is injected before sharding and handed
+    over with the roles, samples and checkpoints go through it (EMA weights), and student/
+    holds the student's adapter files."""
+    from safetensors.torch import load_file
+
+    from distill import parallel, runs
+    from distill.students import ADAPTER_WEIGHTS
+
+    sharded = []
+    monkeypatch.setattr(parallel, "shards_shared_base", lambda accelerator, roles: True)
+    monkeypatch.setattr(parallel, "shard_shared_base", lambda accelerator, base, roles: sharded.append(
+        [(r.adapter, r.base is base) for r in roles]))
+    run = tmp_path / "run"
+    train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, None, run, **{
+        "train.max_steps": 2, "train.sample_every": 2, "train.ema_decay": 0.5, "student.lora.rank": 2,
+        "method.fake_score_lora.rank": 2})])
+    assert sharded == [[("student", True), ("fake_score", True), ("student_eval", True)]]
+    checkpoint = find_checkpoint(run)
+    saved = load_file(checkpoint / "student" / ADAPTER_WEIGHTS)
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert runs.samples_path(run, 2).is_file()
+
+
+def test_a_full_student_beside_a_lora_fake_score_on_a_sharded_base_is_saved_from_its_gathered_state(
+        tiny_teacher, tmp_path, monkeypatch):
+    """A full student with a LoRA fake score: the base is sharded for the fake score, so the
+    checkpoint's student is built from the student's config (not copied from the sharded
+    base) and filled with the gathered state (+1 here, as a gather would differ from the
+    local module)."""
+    from safetensors.torch import load_file
+
+    from distill import parallel
+
+    gathered = []
+
+    def full_state_dict(accelerator, model):
+        gathered.append({k: v + 1 for k, v in accelerator.unwrap_model(model).state_dict().items()})
+        return gathered[-1]
+
+    monkeypatch.setattr(parallel, "is_sharded", lambda accelerator: True)
+    monkeypatch.setattr(parallel, "full_state_dict", full_state_dict)
+    monkeypatch.setattr(parallel, "shards_shared_base", lambda accelerator, roles: True)
+    monkeypatch.setattr(parallel, "shard_shared_base", lambda accelerator, base, roles: None)
+    run = tmp_path / "run"
+    train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, None, run, **{
+        "train.max_steps": 1, "train.sample_every": 0, "train.ema_decay": 0, "method.fake_score_lora.rank": 2})])
+    saved = load_file(find_checkpoint(run) / "student" / "diffusion_pytorch_model.safetensors")
+    assert saved.keys() == gathered[-1].keys() and all(torch.equal(saved[k], gathered[-1][k]) for k in saved)
 
 
 # --------------------------------------------------------------------------------- data, times

@@ -19,11 +19,11 @@ other roles' adapters. A full copy (rank 0) is an ordinary module that owns ever
 """
 
 from distill.students.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, fuse, is_lora_checkpoint, load_student,
-                                    lora_state_dict, save_student)
+                                    lora_state_dict, save_lora_files, save_student)
 from distill.students.roles import (FAKE_SCORE, STUDENT, LoraRole, enable_gradient_checkpointing, eval_copy, lora_config,
                                     make_roles, make_student, set_trainable, trainable_parameters)
 from distill.students.sampler import FewStepSampler, X0Fn
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FAKE_SCORE", "STUDENT", "FewStepSampler", "LoraRole", "X0Fn",
            "enable_gradient_checkpointing", "eval_copy", "fuse", "is_lora_checkpoint", "load_student", "lora_config",
-           "lora_state_dict", "make_roles", "make_student", "save_student", "set_trainable", "trainable_parameters"]
+           "lora_state_dict", "make_roles", "make_student", "save_lora_files", "save_student", "set_trainable", "trainable_parameters"]

@@ -23,25 +23,38 @@ def is_lora_checkpoint(directory: str | Path) -> bool:
 
 def lora_state_dict(student: LoraRole) -> tuple[dict[str, Tensor], LoraConfig]:
     """The role's adapter as peft saves it (keys ``<module>.lora_A.weight`` / ``.lora_B.weight``
-    without the adapter name) and its ``LoraConfig``."""
+    without the adapter name) and its ``LoraConfig``. On a sharded base (FSDP2) the tensors
+    are gathered whole: a collective every process must join."""
     from peft import get_peft_model_state_dict
+    from torch.distributed.tensor import DTensor
 
     state = get_peft_model_state_dict(student.base, adapter_name=student.adapter)
+    state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
     return {k: v.detach().contiguous() for k, v in state.items()}, student.base.peft_config[student.adapter]
 
 
-def save_student(student: nn.Module, directory: str | Path) -> None:
+def save_student(student: nn.Module, directory: str | Path, *, write: bool = True) -> None:
     """A full student: diffusers ``save_pretrained`` (config.json + safetensors). A LoRA role:
     peft's adapter format, ``adapter_model.safetensors`` (its adapter only) and
-    ``adapter_config.json`` (the ``LoraConfig``), loadable onto the teacher's network."""
+    ``adapter_config.json`` (the ``LoraConfig``), loadable onto the teacher's network. A role
+    on a sharded base is gathered first (``lora_state_dict``): then every process calls this
+    and only the one with ``write`` writes."""
+    directory = Path(directory)
+    if not isinstance(student, LoraRole):
+        if write:
+            student.save_pretrained(directory, safe_serialization=True)
+        return
+    state, config = lora_state_dict(student)
+    if write:
+        save_lora_files(state, config, directory)
+
+
+def save_lora_files(state: dict[str, Tensor], config: LoraConfig, directory: str | Path) -> None:
+    """``lora_state_dict``'s (state, config) as peft's adapter files in ``directory``."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    if not isinstance(student, LoraRole):
-        student.save_pretrained(directory, safe_serialization=True)
-        return
     directory.mkdir(parents=True, exist_ok=True)
-    state, config = lora_state_dict(student)
     save_file({k: v.cpu() for k, v in state.items()}, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     config.save_pretrained(str(directory))
 

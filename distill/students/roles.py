@@ -84,7 +84,13 @@ class LoraRole(nn.Module):
             raise ValueError(f"the network has no adapter {adapter!r} (it has {sorted(getattr(base, 'peft_config', {}))})")
         self.__dict__["base"] = base  # not a submodule: its weights are the teacher's
         self.adapter = adapter
-        self.weights = nn.ParameterDict({key.replace(".", "__"): p for key, p in _adapter_parameters(base, adapter)})
+        self.bind()
+
+    def bind(self) -> LoraRole:
+        """Register the adapter's tensors as the base holds them now: after the base was sharded
+        (FSDP2 replaces each parameter by a sharded one), the role owns the shards."""
+        self.weights = nn.ParameterDict({key.replace(".", "__"): p for key, p in _adapter_parameters(self.base, self.adapter)})
+        return self
 
     def forward(self, *args, **kwargs):
         with _adapters_on(self.base, self.adapter):
