@@ -130,7 +130,10 @@ class TrainConfig:
         "Pays a compile of minutes on the first steps, and each new input shape recompiles; worth it on GPUs for long "
         "runs, not on a CPU (the digits UNet took ~380 s to compile on 2 cores and then ran slower)"
     )
-    ema_decay: float = setting(0.99, "EMA decay of the student's weights (0 disables EMA)")
+    ema_decay: float = setting(
+        0.99, "EMA decay of the student's weights (0 disables EMA). diffusers' EMAModel warms up: the decay at step t is "
+        "min(ema_decay, (1 + t) / (10 + t)), an average over about the last t / 9 steps, so 0.99 holds from step ~890 "
+        "and 0.999 from ~9,000; below that any two decays give the same student")
     checkpoint_every: int = setting(200, "save a resumable checkpoint every N student steps")
     keep_checkpoints: int = setting(2, "how many recent checkpoints to keep")
     log_every: int = setting(10, "log losses every N student steps")
