@@ -153,7 +153,9 @@ class DistillTrainer:
         if self.config.train.ema_decay == 0:
             return None
         student = self.accelerator.unwrap_model(self.student)
-        ema = parallel.EMA(trainable_parameters(student), decay=self.config.train.ema_decay)
+        decay = self.config.train.ema_decay
+        # min_decay = decay: the decay from the first step, without diffusers' (1 + t) / (10 + t) warm-up
+        ema = parallel.EMA(trainable_parameters(student), decay=decay, min_decay=0.0 if self.config.train.ema_warmup else decay)
         ema.to(self.device)
         self.accelerator.register_for_checkpointing(ema)
         return ema

@@ -7,7 +7,9 @@ in one run on one machine.
 
 With ``--recipes``, each recipe ``recipes/<name>.yaml`` is trained once per seed into
 ``<runs-dir>/<name>-seed<k>`` (``--train``: the missing ones, ``--jobs`` processes at a time,
-each with ``--threads`` torch threads; a run that exists is read as it is). Rows: the 360
+each with ``--threads`` torch threads; a run that exists is read as it is; without
+``--train`` the seeds with no finished run are left out, and the seed table names the seeds
+it read). Rows: the 360
 held-out real digits (the noise floor: real images the teacher never saw), the teacher with
 DDIM (trailing spacing) and DPM-Solver++ at ``--teacher-steps``, each recipe's seed-0
 student (final EMA weights, with speed), then the seed table: mean and spread over the seeds
@@ -100,14 +102,18 @@ def main() -> None:
         rows.append(add(target, target.name, *target.draw(args.num * args.draws, args.seed, clamp=False)))
     seed_rows = []
     for name, dirs in runs.items():
+        trained = [(seed, run) for seed, run in zip(seeds, dirs) if (run / "metrics.json").is_file()]
+        if not trained:  # without --train: the seeds trained so far, none here
+            print(f"{name}: no finished run in {args.runs_dir} for seeds {args.seeds}; left out", flush=True)
+            continue
         scored = []
-        for i, run in enumerate(dirs):
+        for i, (seed, run) in enumerate(trained):
             target, _ = evaluate.run_target(run, "latest", batch_size=args.batch)
-            row = add(target, f"{name} seed {seeds[i]} ({target.steps} step{'s' * (target.steps > 1)})",
+            row = add(target, f"{name} seed {seed} ({target.steps} step{'s' * (target.steps > 1)})",
                       *target.draw(args.num * args.draws, args.seed, clamp=False), speed=i == 0)
-            row.update(run_facts(run))
+            row.update(run_facts(run), seed=seed)
             scored.append(row)
-        rows.append({**scored[0], "name": f"student {name}, seed {seeds[0]}, {scored[0]['train_minutes']:.1f} min"})
+        rows.append({**scored[0], "name": f"student {name}, seed {trained[0][0]}, {scored[0]['train_minutes']:.1f} min"})
         seed_rows.append(seed_summary(name, scored))
 
     header = (
@@ -167,17 +173,18 @@ def seed_summary(name: str, scored: list[dict]) -> dict:
     return {"name": name, "fd": spread("fd_classifier"), "recall": spread("recall_classifier"),
             "accuracy": spread("class_accuracy"), "outside": spread("out_of_range"), "minutes": spread("train_minutes"),
             "steps": scored[0]["train_steps"], "worst_ratio": max(ratios) if ratios else None,
-            "fds": [r["fd_classifier"] for r in scored]}
+            "fds": [r["fd_classifier"] for r in scored], "seeds": [r["seed"] for r in scored]}
 
 
 def seeds_table(summaries: list[dict], seeds: list[int]) -> str:
-    lines = [f"Over seeds {', '.join(map(str, seeds))} (final EMA student of each run):\n",
-             "| recipe | steps trained | minutes | FD ↓ mean ± sd | FD per seed | recall ↑ | class acc. ↑ | outside [-1, 1] ↓ "
-             "| last / best periodic FD (worst seed) |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    lines = [f"Over seeds {', '.join(map(str, seeds))} where trained (final EMA student of each run):\n",
+             "| recipe | steps trained | minutes | seeds | FD ↓ mean ± sd | FD per seed | recall ↑ | class acc. ↑ "
+             "| outside [-1, 1] ↓ | last / best periodic FD (worst seed) |",
+             "|---|---:|---:|---|---:|---|---:|---:|---:|---:|"]
     for s in summaries:
         ratio = f"{s['worst_ratio']:.2f} ({'stable' if s['worst_ratio'] <= STABLE else 'NOT stable'})" if s["worst_ratio"] else ""
-        lines.append(f"| {s['name']} | {s['steps']:,} | {s['minutes'][0]:.1f} | {s['fd'][0]:.2f} ± {s['fd'][1]:.2f} | "
+        lines.append(f"| {s['name']} | {s['steps']:,} | {s['minutes'][0]:.1f} | {', '.join(map(str, s['seeds']))} | "
+                     f"{s['fd'][0]:.2f} ± {s['fd'][1]:.2f} | "
                      f"{', '.join(f'{v:.2f}' for v in s['fds'])} | {s['recall'][0]:.3f} ± {s['recall'][1]:.3f} | "
                      f"{s['accuracy'][0]:.3f} | {s['outside'][0]:.1%} | {ratio} |")
     return "\n".join(lines) + "\n"

@@ -119,6 +119,22 @@ def test_learning_rates_decay_over_their_own_updates(tiny_teacher, tmp_path):
     assert [r["lr/critic"] for r in rows] == pytest.approx([2e-4 * f for f in cosine], abs=1e-12)
 
 
+def test_ema_without_warmup_holds_its_decay_from_the_start(tiny_teacher, tmp_path):
+    """3 updates, EMA 0.9: with diffusers' warm-up the decay is min(0.9, (1 + t) / (10 + t)) (0, 0.18, 0.25), without
+    it 0.9 after the first update: its average (0.81 w1 + 0.09 w2 + 0.1 w3) stays by the first update's weights w1,
+    the warmed-up one (0.05 w1 + 0.2 w2 + 0.75 w3) does not."""
+    students = {}
+    for name, steps, decay, warmup in (("first", 1, 0, "true"), ("true", 3, 0.9, "true"), ("false", 3, 0.9, "false")):
+        run = tmp_path / f"ema-{name}"
+        extra = {"train.max_steps": steps, "train.sample_every": 0, "train.checkpoint_every": steps,
+                 "train.ema_decay": decay, "train.ema_warmup": warmup}
+        train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, None, run, **extra)])
+        students[name] = _weights(find_checkpoint(run) / "student" / "diffusion_pytorch_model.safetensors")
+    first = students.pop("first")
+    away = {w: sum((s[k] - first[k]).abs().sum().item() for k in first) for w, s in students.items()}
+    assert away["false"] < 0.5 * away["true"]
+
+
 def test_warmup_then_constant_rate():
     from distill.config.schema import OptimizerConfig
     from distill.trainer import lr_factor
