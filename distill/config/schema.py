@@ -104,7 +104,8 @@ class OptimizerConfig:
     warmup_steps: int = setting(0, "linear learning-rate warm-up, in optimizer steps")
     decay: Literal["constant", "cosine", "linear"] = setting(
         "constant", "learning rate after warm-up: constant, or a cosine / linear decay from lr to decay_to x lr at "
-        "train.max_steps (the critic's horizon is its own updates: max_steps x method.critic_updates)")
+        "train.max_steps (the critic's horizon is its own updates: max_steps x method.critic_updates; a run resumed with "
+        "another max_steps decays over the new one from where it is)")
     decay_to: float = setting(0.0, "the decayed learning rate at train.max_steps, as a fraction of lr", minimum=0.0)
 
 
