@@ -46,6 +46,26 @@ def test_eval_scores_cmmd_in_clip_embeddings_beside_fd(digits_run, tiny_clip, tm
     assert not (out / "teacher-vs-student.png").exists()  # --compare-num 0
 
 
+def test_eval_over_draws_scores_each_draw_apart(digits_run, tiny_classifier, tmp_path):
+    from distill.evaluate import Scorer, run_target
+
+    out = tmp_path / "eval"
+    cli.main(["eval", str(digits_run), "--num", "30", "--draws", "2", "--no-speed", "--compare-num", "0",
+              "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    row = json.loads((out / "metrics.json").read_text())[0]
+    scorer = Scorer(feature_spaces=["classifier"], dataset="digits", classifier=str(tiny_classifier), dinov2="unused",
+                    cache_dir=tmp_path / "cache", nearest_k=3, kid_subsets=5, kid_subset_size=10, batch_size=500)
+    target, _ = run_target(digits_run, batch_size=500)
+    images, labels = target.draw(60, 0, clamp=False)
+    fds = [scorer(images[:30], labels[:30])["fd_classifier"], scorer(images[30:], labels[30:])["fd_classifier"]]
+    assert row["num_samples"] == 30 and row["draws"] == 2
+    assert row["fd_classifier"] == pytest.approx(sum(fds) / 2, rel=1e-5)
+    assert row["fd_classifier_sd"] == pytest.approx(abs(fds[0] - fds[1]) / 2 ** 0.5, rel=1e-4)
+    assert " FD sd |" in (out / "metrics.md").read_text()
+    with pytest.raises(SystemExit, match="--draws 0; give 1 or more draws"):
+        cli.main(["eval", str(digits_run), "--draws", "0", "--no-speed", "--out", str(out)])
+
+
 def test_cmmd_without_a_clip_model_names_the_key(digits_run, tmp_path):
     with pytest.raises(SystemExit) as exit:
         cli.main(["eval", str(digits_run), "--cmmd", "--no-speed", "--out", str(tmp_path / "eval")])
