@@ -84,9 +84,7 @@ def main() -> None:
 
     def add(target: evaluate.Target | None, name: str, images, labels, speed: bool = True) -> dict:
         draws = args.draws if len(images) == args.num * args.draws else 1  # the held-out digits are one set
-        row = {"name": name, **scorer.over_draws(images, labels, draws)}
-        if draws == 1:
-            row.pop("fd_classifier_sd")  # one set: no spread to show
+        row = {"name": name, **(scorer.over_draws(images, labels, draws) if draws > 1 else scorer(images, labels))}
         if target is not None and speed:
             row.update(evaluate.measure_speed(target.draw, batch_size=args.batch, warmup=1, repeats=3))
         print(evaluate.markdown_table([row], ["classifier"]).splitlines()[-1], flush=True)

@@ -161,7 +161,7 @@ def lora_shared_base(teacher_path: str, work: str, rank: int, world: int) -> dic
     from torch.distributed.tensor import DTensor
 
     from distill import parallel
-    from distill.students import (eval_copy, load_student, lora_config, lora_state_dict, make_roles, save_student,
+    from distill.students import (eval_copy, load_student, lora_config, lora_state_dict, make_roles, save_lora_files,
                                   set_trainable, trainable_parameters)
     from distill.teachers import load_teacher
 
@@ -272,7 +272,9 @@ def lora_shared_base(teacher_path: str, work: str, rank: int, world: int) -> dic
     with torch.no_grad():
         eval_diff = close(eval_role(x, t, class_labels=labels).sample, twin_eval(x, t, class_labels=labels).sample)
     files = Path(work) / "student"
-    save_student(eval_role, files, write=rank == 0)
+    state, config = lora_state_dict(eval_role)  # every rank joins the gather, as the trainer's checkpoint does
+    if rank == 0:
+        save_lora_files(state, config, files)
     torch.distributed.barrier()
     found = {}
     if rank == 0:

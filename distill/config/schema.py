@@ -132,12 +132,11 @@ class TrainConfig:
         "runs, not on a CPU (the digits UNet took ~380 s to compile on 2 cores and then ran slower)"
     )
     ema_decay: float = setting(
-        0.99, "EMA decay of the student's weights (0 disables EMA). diffusers' EMAModel warms up: the decay at step t is "
-        "min(ema_decay, (1 + t) / (10 + t)), an average over about the last t / 9 steps, so 0.99 holds from step ~890 "
-        "and 0.999 from ~9,000; below that any two decays give the same student (train.ema_warmup: false holds the "
-        "decay from the start)")
+        0.99, "EMA decay of the student's weights (0 disables EMA); with train.ema_warmup it holds only from the step "
+        "the warm-up reaches it (0.99 from ~890, 0.999 from ~9,000)")
     ema_warmup: bool = setting(
-        True, "diffusers' EMA warm-up (true): the decay at step t is min(ema_decay, (1 + t) / (10 + t)); false: "
+        True, "diffusers' EMA warm-up (true): the decay at step t is min(ema_decay, (1 + t) / (10 + t)), an average over "
+        "about the last t / 9 steps, so below ~890 steps any two decays >= 0.99 give the same student; false: "
         "ema_decay from the second update on (the average starts at the first update's weights)")
     checkpoint_every: int = setting(200, "save a resumable checkpoint every N student steps")
     keep_checkpoints: int = setting(2, "how many recent checkpoints to keep")

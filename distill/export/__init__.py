@@ -15,8 +15,9 @@ teacher's own pipeline; and ``kohya/``, the same weights under kohya / ComfyUI k
 A fully trained student has two more: ``lora-extract``, a LoRA of chosen rank taken from it
 by truncated SVD of its weights' difference from the teacher's, written in the LoRA formats
 (``distill.export.extracted``; the card reports how far its images are from the full
-student's); and ``single-file``, an SD 1.x / 2.x / SDXL pipeline as one checkpoint in the
-original key layout for AUTOMATIC1111 / ComfyUI (``distill.teachers.single_file``, ``SINGLE_FILE``).
+student's); and ``single-file``, the pipeline as one checkpoint in the
+original key layout for AUTOMATIC1111 / ComfyUI, for the families whose layout
+``distill.teachers.single_file`` knows (``single_file_layout``; ``SINGLE_FILE``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest",
     formats need a LoRA student and a pipeline class with a diffusers LoRA loader; the
     default leaves them out where the pipeline has none. ``scheduler/`` is always written.
     A full student also takes ``"lora-extract"`` (needs ``rank``; ``prompts`` condition the
-    images of its distance for a text-to-image teacher) and ``"single-file"`` (SD / SDXL)."""
+    images of its distance for a text-to-image teacher) and ``"single-file"`` (where ``single_file_layout`` knows the family)."""
     run = load_run(run_dir, checkpoint)
     student_dir = run.checkpoint / STUDENT
     teacher_path, revision, timesteps = run.config.teacher.path, run.config.teacher.revision, run.config.student.timesteps

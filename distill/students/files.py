@@ -33,20 +33,17 @@ def lora_state_dict(student: LoraRole) -> tuple[dict[str, Tensor], LoraConfig]:
     return {k: v.detach().contiguous() for k, v in state.items()}, student.base.peft_config[student.adapter]
 
 
-def save_student(student: nn.Module, directory: str | Path, *, write: bool = True) -> None:
+def save_student(student: nn.Module, directory: str | Path) -> None:
     """A full student: diffusers ``save_pretrained`` (config.json + safetensors). A LoRA role:
     peft's adapter format, ``adapter_model.safetensors`` (its adapter only) and
     ``adapter_config.json`` (the ``LoraConfig``), loadable onto the teacher's network. A role
-    on a sharded base is gathered first (``lora_state_dict``): then every process calls this
-    and only the one with ``write`` writes."""
+    on a sharded base is gathered by ``lora_state_dict`` (every process) and written by one
+    with ``save_lora_files``, as the trainer's checkpoints do."""
     directory = Path(directory)
     if not isinstance(student, LoraRole):
-        if write:
-            student.save_pretrained(directory, safe_serialization=True)
+        student.save_pretrained(directory, safe_serialization=True)
         return
-    state, config = lora_state_dict(student)
-    if write:
-        save_lora_files(state, config, directory)
+    save_lora_files(*lora_state_dict(student), directory)
 
 
 def save_lora_files(state: dict[str, Tensor], config: LoraConfig, directory: str | Path) -> None:
