@@ -74,8 +74,8 @@ class Regression:
     def generator_loss(self, student, critic, batch, generator, device):
         assert critic is None
         cond = to_device(self.teacher.condition(batch), device)
-        x0_student = student_x0(self.teacher, self.sampler, student, to_device(batch, device), cond, generator, grad=True,
-                                backward_simulation=True)
+        x0_student, _ = student_x0(self.teacher, self.sampler, student, to_device(batch, device), cond, generator,
+                                   grad=True, backward_simulation=True)
         with torch.no_grad():
             x_t = self.teacher.schedule.add_noise(x0_student.detach(), torch.randn(x0_student.shape, generator=generator), 500)
             x0_teacher = self.mu_real.x0(x_t, torch.full((len(x_t),), 500), cond)
@@ -155,3 +155,49 @@ def test_the_discriminator_sees_its_own_timestep_range(tiny_teacher, backbone):
         assert torch.equal(disc_t[:16], t) and disc_t.max() > 60
     with pytest.raises(config_lib.ConfigError, match=r"method.gan.t_min: need 0 <= t_min < t_max, got 20 and 10"):
         config_lib.load(None, [*base, "method.gan.t_max=10"])
+
+
+def test_renoise_floor_matches_each_step_from_the_next_steps_timestep_up(tiny_teacher):
+    """method.renoise_floor: step k's samples reach the fake score (critic phase) and the
+    distribution-matching loss (generator phase) only at timesteps >= step k + 1's; the last
+    step's over [t_min, t_max]. Off, every step draws from [t_min, t_max]."""
+    from distill.methods.dmd2 import Critic
+    from distill.students import FewStepSampler, make_roles
+    from distill.teachers import load_teacher
+
+    teacher = load_teacher(str(tiny_teacher))
+    steps = [499, 374, 249, 124]
+    batch = {"image": torch.rand(16, 1, 8, 8) * 2 - 1, "class_label": torch.arange(16) % 10}
+
+    def draws(floor: bool) -> dict[int, torch.Tensor]:
+        """Step index k -> every timestep drawn for step k's samples, over 24 critic and 24 generator phases."""
+        section = config_lib.load(None, [f"teacher.path={tiny_teacher}", "eval.features=[]", "eval.classifier=null",
+                                         "method.t_max=500", f"method.renoise_floor={str(floor).lower()}"]).method
+        method = section.build(teacher=teacher, sampler=FewStepSampler(steps, teacher.schedule), guidance_scale=1.0,
+                               backward_simulation=True)
+        _, student, fake_score = make_roles(teacher.denoiser, student_lora=None, fake_score_lora=None)
+        critic = method.build_critic(fake_score=fake_score, device="cpu")
+        drawn, trained_at = [], []
+        draw = method._step_timesteps
+        method._step_timesteps = lambda n, k, generator, device: drawn.append((k, draw(n, k, generator, device))) or drawn[-1][1]
+        forward = Critic.forward
+        Critic.forward = lambda self, x_t, t, cond, with_logits=False, disc=None: (
+            trained_at.append(t), forward(self, x_t, t, cond, with_logits, disc))[1]
+        try:
+            for seed in range(24):
+                method.critic_loss(student, critic, batch, torch.Generator().manual_seed(seed), "cpu")
+                method.generator_loss(student, critic, batch, torch.Generator().manual_seed(100 + seed), "cpu")
+        finally:
+            Critic.forward = forward
+        assert {k for k, _ in drawn} == {0, 1, 2, 3}
+        # the fake score trains at the critic phase's draws (the first of each pair)
+        assert all(torch.equal(t, d) for (_, t), d in zip(drawn[::2], trained_at, strict=True))
+        return {k: torch.cat([t for j, t in drawn if j == k]) for k in range(4)}
+
+    floored = draws(True)
+    for k, t in floored.items():
+        low = steps[k + 1] if k + 1 < len(steps) else 20
+        assert int(t.min()) >= low and int(t.max()) <= 500, (k, int(t.min()))
+    assert int(floored[3].min()) < 124  # the last step: the whole range
+    plain = draws(False)
+    assert int(plain[0].min()) < 374 and all(int(t.min()) >= 20 and int(t.max()) <= 500 for t in plain.values())

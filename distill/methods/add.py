@@ -93,7 +93,7 @@ class ADD(AdversarialMethod):
         return translate_and_cutout(x0, generator) if self.augment else x0
 
     def _x0(self, student: nn.Module, batch: dict, cond: dict, generator: torch.Generator, grad: bool) -> Tensor:
-        return student_x0(self.teacher, self.sampler, student, batch, cond, generator, grad=grad, backward_simulation=False)
+        return student_x0(self.teacher, self.sampler, student, batch, cond, generator, grad=grad, backward_simulation=False)[0]
 
     # ------------------------------------------------------------------------------------
     def generator_loss(self, student: nn.Module, critic: Discriminator, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:

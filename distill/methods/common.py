@@ -38,8 +38,8 @@ def real_x0(teacher: "Teacher", batch: dict) -> Tensor:
 
 
 def student_x0(teacher: "Teacher", sampler: FewStepSampler, student: nn.Module, batch: dict, cond: dict,
-               generator: torch.Generator, *, grad: bool, backward_simulation: bool) -> Tensor:
-    """x0 of the student at one of its steps, chosen at random. The first step's input is
+               generator: torch.Generator, *, grad: bool, backward_simulation: bool) -> tuple[Tensor, int]:
+    """(x0 of the student at one of its steps, chosen at random; that step's index k). The first step's input is
     pure noise, as in sampling; a later step's input comes from running the student's own
     earlier steps (backward simulation, DMD2 §4.5) or from a real image noised to that
     step's timestep (ADD §3.1). The step is the same on every rank (``distill.data.agreed``:
@@ -60,7 +60,7 @@ def student_x0(teacher: "Teacher", sampler: FewStepSampler, student: nn.Module, 
     else:
         x_t = teacher.schedule.add_noise(real_x0(teacher, batch).to(device), noise, sampler.timestep(k, noise))
     with nullcontext() if grad else torch.no_grad():
-        return x0_fn(x_t, sampler.timestep(k, x_t))
+        return x0_fn(x_t, sampler.timestep(k, x_t)), k
 
 
 def regularised_inputs(kind: str, fake: Tensor, real: Tensor, sigma: float, generator: torch.Generator) -> list[Tensor]:

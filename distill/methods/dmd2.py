@@ -49,6 +49,12 @@ class DMD2Config(AdversarialMethodConfig):
     gan: DMD2GanConfig = setting(DMD2GanConfig(), "the GAN term (a head on the fake score's bottleneck, or a "
                                                   "discriminator of its own) and its discriminator")
     dmd_weight: float = setting(1.0, "weight of the distribution-matching loss in the generator loss")
+    renoise_floor: bool = setting(
+        True, "multi-step students: match step k's samples (distribution matching and the fake score's training) "
+        "only at timesteps at or above step k + 1's, the noise level the sampler re-noises them to: only their "
+        "re-noised distribution reaches the next step. The last step's samples are matched over [t_min, t_max]. "
+        "false: every step over [t_min, t_max], as DMD2's code does (on the digits teacher its 4-step student then "
+        "swung between FD 3 and 20 where this one held 1.2-1.7)")
     fake_score_lora: LoraConfig = setting(
         LoraConfig(), "train the fake score as a LoRA (rank > 0); with a LoRA student too, teacher, student and "
         "fake score share one frozen base"
@@ -72,6 +78,7 @@ class DMD2Config(AdversarialMethodConfig):
         g, lora = self.gan, self.fake_score_lora
         return DMD2(**self.adversarial_settings(), teacher=teacher, sampler=sampler, guidance_scale=guidance_scale,
                     dmd_weight=self.dmd_weight, critic_gan_weight=g.critic_weight, backward_simulation=backward_simulation,
+                    renoise_floor=self.renoise_floor,
                     fake_score_lora=lora_config(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules))
 
 
@@ -116,12 +123,12 @@ class DMD2(AdversarialMethod):
     with_fake_score = True
 
     def __init__(self, *, dmd_weight: float, critic_gan_weight: float, backward_simulation: bool,
-                 fake_score_lora=None, **adversarial):
+                 renoise_floor: bool = True, fake_score_lora=None, **adversarial):
         """``adversarial``: ``AdversarialMethod``'s settings; ``fake_score_lora``: the fake
         score's peft ``LoraConfig`` (None: a full copy of the teacher's network)."""
         super().__init__(**adversarial)
         self.dmd_weight, self.critic_gan_weight = dmd_weight, critic_gan_weight
-        self.backward_simulation = backward_simulation
+        self.backward_simulation, self.renoise_floor = backward_simulation, renoise_floor
         self.fake_score_lora = fake_score_lora
         self.separate_discriminator = self.discriminator_backbone != "fake_score"
 
@@ -144,9 +151,18 @@ class DMD2(AdversarialMethod):
     def _real_x0(self, batch: dict, device) -> Tensor:
         return real_x0(self.teacher, batch).to(device)
 
-    def student_x0(self, student: nn.Module, batch: dict, cond: dict, generator: torch.Generator, grad: bool) -> Tensor:
+    def student_x0(self, student: nn.Module, batch: dict, cond: dict, generator: torch.Generator,
+                   grad: bool) -> tuple[Tensor, int]:
         return student_x0(self.teacher, self.sampler, student, batch, cond, generator, grad=grad,
                           backward_simulation=self.backward_simulation)
+
+    def _step_timesteps(self, n: int, k: int, generator: torch.Generator, device) -> Tensor:
+        """Timesteps at which step ``k``'s samples are re-noised for distribution matching and the
+        fake score: [t_min, t_max], or with ``renoise_floor`` from step k + 1's timestep up."""
+        if not self.renoise_floor or k + 1 >= len(self.sampler):
+            return self._timesteps(n, generator, device)
+        t_min = min(max(self.t_min, self.sampler.timesteps[k + 1]), self.t_max)
+        return self.schedule.sample_timesteps(n, generator=generator, t_min=t_min, t_max=self.t_max, device=device)
 
     def _logits(self, critic: Critic, x0: Tensor, t: Tensor, noise: Tensor, cond: dict) -> Tensor:
         """The discriminator's logits on x0 (noised to t with ``noise`` where it reads noisy inputs)."""
@@ -158,9 +174,9 @@ class DMD2(AdversarialMethod):
     def generator_loss(self, student: nn.Module, critic: Critic, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Generator phase. ``student`` trains (a prepared module); ``critic`` is frozen."""
         cond, batch = self._on_device(batch, device)
-        x0_student = self.student_x0(student, batch, cond, generator, grad=True)
+        x0_student, k = self.student_x0(student, batch, cond, generator, grad=True)
 
-        t = self._timesteps(len(x0_student), generator, device)
+        t = self._step_timesteps(len(x0_student), k, generator, device)
         noise = randn_like(x0_student, generator)
         mu_fake = Denoiser(self.teacher, critic.denoiser)
         with torch.no_grad():
@@ -186,9 +202,9 @@ class DMD2(AdversarialMethod):
     def critic_loss(self, student: nn.Module, critic: nn.Module, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
         """Critic phase. ``critic`` trains (a prepared module); ``student`` only samples."""
         cond, batch = self._on_device(batch, device)
-        x0_student = self.student_x0(student, batch, cond, generator, grad=False)
+        x0_student, k = self.student_x0(student, batch, cond, generator, grad=False)
         n = len(x0_student)
-        t = self._timesteps(n, generator, device)
+        t = self._step_timesteps(n, k, generator, device)
         noise = randn_like(x0_student, generator)
         x_t = self.schedule.add_noise(x0_student, noise, t)
         # the fake score's target, in its prediction type: the teacher's (mu_fake's default)
@@ -204,7 +220,9 @@ class DMD2(AdversarialMethod):
         noise_real = randn_like(x0_real, generator)
         # student samples reach the discriminator at the fake score's timesteps t, or at their own
         # when the GAN's range differs (method.gan.t_min / t_max)
-        t_fake = self._gan_timesteps(n, generator, device) if self.separate_gan_timesteps else t
+        # (so also when renoise_floor raised the fake score's: real samples must meet fakes at the same levels)
+        floored = self.renoise_floor and k + 1 < len(self.sampler)
+        t_fake = self._gan_timesteps(n, generator, device) if self.separate_gan_timesteps or floored else t
         # the discriminator's inputs: noised samples through the fake score's bottleneck, or
         # clean samples (with their noise and timesteps) through a separate discriminator
         if self.separate_discriminator:
