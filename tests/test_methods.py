@@ -179,7 +179,12 @@ def test_renoise_floor_matches_each_step_from_the_next_steps_timestep_up(tiny_te
         critic = method.build_critic(fake_score=fake_score, device="cpu")
         drawn, trained_at = [], []
         draw = method._step_timesteps
-        method._step_timesteps = lambda n, k, generator, device: drawn.append((k, draw(n, k, generator, device))) or drawn[-1][1]
+
+        def record(n, k, generator, device):
+            drawn.append((k, draw(n, k, generator, device)))
+            return drawn[-1][1]
+
+        method._step_timesteps = record
         forward = Critic.forward
         Critic.forward = lambda self, x_t, t, cond, with_logits=False, disc=None: (
             trained_at.append(t), forward(self, x_t, t, cond, with_logits, disc))[1]

@@ -123,7 +123,7 @@ class DMD2(AdversarialMethod):
     with_fake_score = True
 
     def __init__(self, *, dmd_weight: float, critic_gan_weight: float, backward_simulation: bool,
-                 renoise_floor: bool = True, fake_score_lora=None, **adversarial):
+                 renoise_floor: bool, fake_score_lora=None, **adversarial):
         """``adversarial``: ``AdversarialMethod``'s settings; ``fake_score_lora``: the fake
         score's peft ``LoraConfig`` (None: a full copy of the teacher's network)."""
         super().__init__(**adversarial)
@@ -156,10 +156,15 @@ class DMD2(AdversarialMethod):
         return student_x0(self.teacher, self.sampler, student, batch, cond, generator, grad=grad,
                           backward_simulation=self.backward_simulation)
 
+    def _floored(self, k: int) -> bool:
+        """Whether step ``k``'s samples are matched from step k + 1's timestep up (``renoise_floor``;
+        never the last step's)."""
+        return self.renoise_floor and k + 1 < len(self.sampler)
+
     def _step_timesteps(self, n: int, k: int, generator: torch.Generator, device) -> Tensor:
         """Timesteps at which step ``k``'s samples are re-noised for distribution matching and the
-        fake score: [t_min, t_max], or with ``renoise_floor`` from step k + 1's timestep up."""
-        if not self.renoise_floor or k + 1 >= len(self.sampler):
+        fake score: [t_min, t_max], or from step k + 1's timestep up where ``_floored(k)``."""
+        if not self._floored(k):
             return self._timesteps(n, generator, device)
         t_min = min(max(self.t_min, self.sampler.timesteps[k + 1]), self.t_max)
         return self.schedule.sample_timesteps(n, generator=generator, t_min=t_min, t_max=self.t_max, device=device)
@@ -220,9 +225,8 @@ class DMD2(AdversarialMethod):
         noise_real = randn_like(x0_real, generator)
         # student samples reach the discriminator at the fake score's timesteps t, or at their own
         # when the GAN's range differs (method.gan.t_min / t_max)
-        # (so also when renoise_floor raised the fake score's: real samples must meet fakes at the same levels)
-        floored = self.renoise_floor and k + 1 < len(self.sampler)
-        t_fake = self._gan_timesteps(n, generator, device) if self.separate_gan_timesteps or floored else t
+        # (so also when the re-noise floor raised the fake score's: reals must meet fakes at the same levels)
+        t_fake = self._gan_timesteps(n, generator, device) if self.separate_gan_timesteps or self._floored(k) else t
         # the discriminator's inputs: noised samples through the fake score's bottleneck, or
         # clean samples (with their noise and timesteps) through a separate discriminator
         if self.separate_discriminator:
