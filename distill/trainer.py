@@ -479,7 +479,7 @@ class DistillTrainer:
         student = self.eval_student()  # every process: a sharded student is gathered; scored on the main one
         if not (self.samples_on_every_process or self.accelerator.is_main_process):
             return
-        metrics, student = self.scores(self.config.eval.every_num_samples, student)
+        metrics, student = self.scores(self.config.eval.periodic_num_samples(), student)
         write = self._student_writer(student)
         if not self.accelerator.is_main_process:
             return

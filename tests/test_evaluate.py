@@ -243,6 +243,22 @@ def test_training_logs_scores_and_keeps_the_best_checkpoint(scored_run):
     assert find_checkpoint(scored_run).name == "step-000004"  # 'latest' never picks best
 
 
+def test_evaluations_during_training_default_to_the_final_scores_sample_count(tiny_teacher, tiny_classifier, tmp_path):
+    """eval.every_num_samples null (the default): each periodic evaluation draws eval.num_samples
+    from the same seed as the final scores, so the last one is the final scores exactly (FD is
+    biased by the sample count, so fewer samples would read higher than metrics.json)."""
+    from distill import train
+
+    run = tmp_path / "run"
+    train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, tiny_classifier, run, **{
+        "train.max_steps": 2, "eval.every": 2, "eval.every_num_samples": "null", "train.sample_every": 0})])
+    (last,) = [json.loads(line) for line in (run / "scores.jsonl").read_text().splitlines()]
+    final = json.loads((run / "metrics.json").read_text())
+    assert last["step"] == 2 and last["num_samples"] == final["num_samples"] == 40
+    assert last["fd_classifier"] == pytest.approx(final["fd_classifier"], rel=1e-6)
+    assert last["recall_classifier"] == pytest.approx(final["recall_classifier"])
+
+
 def test_training_plots_fd_and_recall_against_step_beside_the_scores(scored_run):
     import numpy as np
     from PIL import Image

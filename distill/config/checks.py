@@ -163,7 +163,8 @@ def check_eval(e: EvalConfig) -> None:
     from distill.features import FEATURE_SPACES
 
     check_positive({f"eval.{name}": getattr(e, name) for name in
-                    ("num_samples", "every_num_samples", "batch_size", "nearest_k", "kid_subsets", "kid_subset_size")})
+                    ("num_samples", "every_num_samples", "batch_size", "nearest_k", "kid_subsets", "kid_subset_size")
+                    if getattr(e, name) is not None})
     for name in e.features:
         if name not in FEATURE_SPACES:
             fail("eval.features", f"unknown feature space {name!r}; choose from {', '.join(FEATURE_SPACES)}")
@@ -177,5 +178,5 @@ def check_eval(e: EvalConfig) -> None:
     if e.every and not e.features:
         fail("eval.every", "evaluation during training needs at least one feature space in eval.features")
     for name in ("num_samples", "every_num_samples"):
-        if e.features and getattr(e, name) <= e.nearest_k:
+        if e.features and getattr(e, name) is not None and getattr(e, name) <= e.nearest_k:
             fail(f"eval.{name}", f"precision/recall with eval.nearest_k={e.nearest_k} need more samples")

@@ -173,13 +173,20 @@ class EvalConfig:
     every: int = setting(
         0, "score the EMA student every N student steps during training, log it and keep the best checkpoint (0: only at the end)"
     )
-    every_num_samples: int = setting(1000, "samples drawn for each evaluation during training")
+    every_num_samples: Optional[int] = setting(
+        None, "samples drawn for each evaluation during training (null: eval.num_samples, so the periodic scores, "
+        "the best checkpoint and the final scores compare: FD reads higher on fewer samples, on the digits benchmark "
+        "by about 0.4 at 1,000 against 2,000)")
     nearest_k: int = setting(3, "k of the k-nearest-neighbour manifolds of precision and recall (Kynkäänniemi et al. 2019)")
     kid_subsets: int = setting(100, "random subsets averaged by KID")
     kid_subset_size: int = setting(1000, "samples per KID subset (capped at the smaller set's size)")
     cache_dir: str = setting("~/.cache/distill/reference", "where reference-set features are cached, keyed by dataset and extractor",
                              path="output")
     batch_size: int = setting(500, "generation and feature-extraction batch for scoring")
+
+    def periodic_num_samples(self) -> int:
+        """Samples of each evaluation during training: eval.every_num_samples, null ones eval.num_samples."""
+        return self.num_samples if self.every_num_samples is None else self.every_num_samples
 
 
 @dataclass
