@@ -163,6 +163,13 @@ def few_step_scheduler(teacher_scheduler_config: dict, timesteps: list[int],
     )
 
 
+def evenly_spaced_timesteps(num_train_timesteps: int, n: int) -> list[list[int]]:
+    """Every list of ``n`` > 1 timesteps a DDPM-family export reproduces (``few_step_scheduler``'s
+    LCMScheduler, truncated where it starts below T - 1): ``T' - 1 - i * T' / n`` for each ``T'``
+    up to T that ``n`` divides, whose last timestep is at least 1."""
+    return [[t_prime - 1 - i * (t_prime // n) for i in range(n)] for t_prime in range(2 * n, num_train_timesteps + 1, n)]
+
+
 def _truncated_lcm(schedule, config: dict, num_train: int, n: int, common: dict) -> LCMScheduler:
     """An ``LCMScheduler`` over the first ``num_train`` timesteps of the teacher's schedule (its
     betas up to there as ``trained_betas``, so alphas_cumprod[t] is the teacher's for every t it

@@ -194,6 +194,22 @@ class FlowSchedule(_Schedule):
         return t.clamp(lo, hi).to(torch.float32).to(device)  # clamp only absorbs float rounding
 
 
+def log_snr(schedule: DDPMSchedule | FlowSchedule) -> Tensor:
+    """[last_timestep + 1] float64 log-SNR, log(alpha_t^2 / sigma_t^2), of each integer timestep
+    0 .. ``schedule.last_timestep`` (decreasing; +inf at a flow schedule's t = 0, -inf at a
+    zero-terminal-SNR or flow schedule's last timestep)."""
+    alpha, sigma = schedule._alpha_sigma64(torch.arange(schedule.last_timestep + 1))
+    return 2 * (alpha.log() - sigma.log())
+
+
+def nearest_timestep(schedule: DDPMSchedule | FlowSchedule, logsnr: float) -> int:
+    """The integer timestep whose log-SNR is nearest ``logsnr``: how a noise level given as a
+    number (not a timestep) lands on this schedule. A level noisier than the schedule's last
+    timestep lands there (the teacher's own pure-noise end: a recipe's ``{sigma: 130}`` on a
+    scaled-linear schedule, whose last timestep has sigma 14.6), one cleaner than t = 0 at 0."""
+    return int((log_snr(schedule) - logsnr).abs().argmin())
+
+
 def schedule_from_config(config: dict) -> DDPMSchedule | FlowSchedule:
     """Schedule for a diffusers ``scheduler_config.json`` dict (with ``_class_name``).
 

@@ -10,9 +10,24 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from distill.errors import SettingError
+
+
+class NoiseLevel:
+    """Annotation of a timestep setting that may name a noise level instead of an integer: a
+    one-key mapping, ``{sigma: s}`` (EDM's sigma = sigma_t / alpha_t, the noise's scale against
+    the signal's: 0 clean, large pure noise) or ``{logsnr: l}`` (log(alpha_t^2 / sigma_t^2)).
+    The recipe loader resolves it to the teacher's timestep of nearest log-SNR
+    (``distill.config.noise_levels``), so one recipe means the same noise on a linear, cosine,
+    scaled-linear or flow-matching schedule; the code past the loader sees integers only.
+    The loaded value is a plain dict (as YAML dumps and reads it)."""
+
+    UNITS = ("sigma", "logsnr")
+
+
+Timestep = Union[int, NoiseLevel]  # a teacher timestep, or a noise level resolved to one at load
 
 
 def setting(default: Any, help: str, **checks: Any) -> Any:

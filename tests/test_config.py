@@ -370,7 +370,15 @@ def test_recipe_validates(recipe, tiny, tiny_teacher):
     config = config_lib.load(recipe, tiny)
     assert config.teacher.path == str(tiny_teacher)
     raw = yaml.safe_load(recipe.read_text())
-    assert config.student.timesteps == raw.get("student", {}).get("timesteps", [500])
+    timesteps = raw.get("student", {}).get("timesteps", [500])
+    if any(isinstance(t, dict) for t in timesteps):  # noise levels: the recipe says what they are on the linear teacher
+        stated = re.search(r"\(t = ([\d, ]+) on the linear digits teacher\)", recipe.read_text())
+        timesteps = [int(t) for t in stated.group(1).split(",")]
+    assert config.student.timesteps == timesteps
+    for indent, section in (("  ", config.method), ("    ", config.method.gan)):  # method.x and method.gan.x lines
+        for key, t in re.findall(rf"^{indent}(t_min|t_max): {{.*}}\s*# t = (\d+) on the linear digits teacher",
+                                 recipe.read_text(), re.M):
+            assert getattr(section, key) == int(t), key
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)

@@ -2,7 +2,8 @@
 
 ``load(recipe, overrides)`` reads a YAML recipe (UTF-8, no key twice, not empty), applies
 overrides, checks every key and type (``_build``), then what each field declares beside
-itself (ranges, the files it names: ``distill.config.fields``), then the combinations
+itself (ranges, the files it names: ``distill.config.fields``), resolves the timesteps given
+as noise levels against the teacher's schedule (``distill.config.noise_levels``), then the combinations
 (``distill.config.checks``), and returns a ``Config``; every problem is a ``ConfigError`` that names the key and the recipe file,
 raised before any weights load. A recipe in the shape before the method registry gets a
 message that says how to write it now (``distill.config.moved``).
@@ -23,10 +24,11 @@ import yaml
 from distill.config import moved
 from distill.config.checks import check_eval, keyed_errors, validate
 from distill.config.fields import check_fields
+from distill.config.noise_levels import resolve as resolve_noise_levels
 from distill.config.schema import Config
 from distill.errors import ConfigError
 from distill.methods import METHODS
-from distill.sections import LoraConfig
+from distill.sections import LoraConfig, NoiseLevel
 
 
 def _describe(tp: Any) -> str:
@@ -39,6 +41,8 @@ def _describe(tp: Any) -> str:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
+    if tp is NoiseLevel:
+        return "a noise level ({sigma: s} or {logsnr: l})"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -89,6 +93,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        raise bad
+    if tp is NoiseLevel:
+        if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in NoiseLevel.UNITS:
+            (unit, number), = value.items()
+            return {unit: _coerce(number, float, f"{key}.{unit}", source)}
         raise bad
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
 
@@ -217,6 +226,7 @@ def load(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     config = from_dict(data, source)
     with keyed_errors(source):
         check_fields(config)  # ranges beside their fields, and every file the recipe names
+        resolve_noise_levels(config)  # before the checks that compare timesteps
     validate(config, source)
     return config
 

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from distill.config.fields import dataset_size
 from distill.methods import DEFAULT_METHOD, METHODS, MethodConfig
-from distill.sections import LoraConfig, setting
+from distill.sections import LoraConfig, Timestep, setting
 from distill.trackers import check_trackers
 
 
@@ -39,11 +39,12 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    timesteps: list[int] = setting(
+    timesteps: list[Timestep] = setting(
         [500],
         "the student's fixed timesteps, descending; each step denoises pure noise (first) or the previous "
         "output re-noised to that timestep. One step conditioned at t=500 works on digits; [999, 749, 499, 249] "
-        "is the usual 4-step schedule",
+        "is the usual 4-step schedule. An entry may be a noise level instead, {sigma: s} (sigma_t / alpha_t) or "
+        "{logsnr: l}, resolved to the teacher's nearest timestep at load, so the recipe holds on other schedules",
     )
     lora: LoraConfig = setting(LoraConfig(), "train the student as a LoRA of the teacher (rank > 0) instead of all weights")
     backward_simulation: bool = setting(

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Optional, Protocol
 
-from distill.sections import check_not_negative, check_positive, fail, setting
+from distill.sections import Timestep, check_not_negative, check_positive, fail, setting
 
 if TYPE_CHECKING:
     import torch
@@ -135,9 +135,9 @@ class GanConfig:
     )
     discriminator: DiscriminatorConfig = setting(DiscriminatorConfig(), "the GAN discriminator: backbone and heads")
     r1: R1Config = setting(R1Config(), "discriminator regulariser")
-    t_min: Optional[int] = setting(
+    t_min: Optional[Timestep] = setting(
         None, "smallest timestep at which the discriminator sees real and generated samples re-noised (null: method.t_min)")
-    t_max: Optional[int] = setting(
+    t_max: Optional[Timestep] = setting(
         None, "largest timestep at which the discriminator sees real and generated samples re-noised (null: method.t_max). "
         "Where little signal is left (small images at high noise) it tells real from fake by noise: a lower t_max "
         "lets it judge what the samples look like")
@@ -158,8 +158,10 @@ class AdversarialMethodConfig(MethodConfig):
     paper_gan_loss: ClassVar[str]  # method.gan.loss when the recipe leaves it null
 
     critic_updates: int = setting(1, "critic updates per student update")
-    t_min: int = setting(20, "smallest timestep at which student samples are re-noised for the losses and the GAN")
-    t_max: int = setting(980, "largest timestep at which student samples are re-noised for the losses and the GAN")
+    t_min: Timestep = setting(20, "smallest timestep at which student samples are re-noised for the losses and the GAN")
+    t_max: Timestep = setting(
+        980, "largest timestep at which student samples are re-noised for the losses and the GAN. This and every "
+        "t_min / t_max may be a noise level, {sigma: s} or {logsnr: l}, as student.timesteps may")
     gan: GanConfig = setting(GanConfig(), "the GAN term and its discriminator")
 
     def check(self, *, num_steps: int, backward_simulation: bool) -> None:
