@@ -13,28 +13,31 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 from typing import Any
 
+from distill.config.checks import teacher_scheduler_config
 from distill.config.schema import Config
 from distill.sections import fail, local_or_hub
 
 
-def unresolved(config: Config) -> list[str]:
-    """The keys of ``config`` that still hold a noise level (a mapping), in order."""
-    keys: list[str] = []
+def _levels(config: Config) -> list[tuple[Any, str, int | None, str]]:
+    """Where ``config`` still holds a noise level (a mapping; only a NoiseLevel field loads as
+    one): ``(section, field name, list index or None, key)``, in order."""
+    found: list[tuple[Any, str, int | None, str]] = []
 
     def walk(section: Any, prefix: str) -> None:
         for f in dataclasses.fields(section):
             value, key = getattr(section, f.name), f"{prefix}{f.name}"
             if dataclasses.is_dataclass(value):
                 walk(value, f"{key}.")
-            elif isinstance(value, dict):  # only a NoiseLevel field loads as a mapping
-                keys.append(key)
+            elif isinstance(value, dict):
+                found.append((section, f.name, None, key))
             elif isinstance(value, list):
-                keys.extend(f"{key}[{i}]" for i, v in enumerate(value) if isinstance(v, dict))
+                found.extend((section, f.name, i, f"{key}[{i}]") for i, v in enumerate(value) if isinstance(v, dict))
 
     walk(config, "")
-    return keys
+    return found
 
 
 def level_log_snr(key: str, level: dict) -> float:
@@ -51,35 +54,25 @@ def resolve(config: Config) -> None:
     """Replace every noise level in ``config`` by the teacher's nearest timestep, in place.
     Reads only the teacher's scheduler config (from its directory, or the hub's one small
     file), never its weights."""
-    keys = unresolved(config)
-    if not keys:
+    levels = _levels(config)
+    if not levels:
         return
     from distill.schedules import nearest_timestep, schedule_from_config
 
-    scheduler = _scheduler_config(keys[0], config.teacher.path, config.teacher.revision)
+    first_key = levels[0][3]
     try:
-        schedule = schedule_from_config(scheduler)
+        schedule = schedule_from_config(_scheduler_config(first_key, config.teacher.path, config.teacher.revision))
     except ValueError as err:
-        fail(keys[0], f"a noise level needs the teacher's noise schedule, and its scheduler config does not give one: {err}")
-
-    def timestep(key: str, level: dict) -> int:
-        return nearest_timestep(schedule, level_log_snr(key, level))
-
-    def walk(section: Any, prefix: str) -> None:
-        for f in dataclasses.fields(section):
-            value, key = getattr(section, f.name), f"{prefix}{f.name}"
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{key}.")
-            elif isinstance(value, dict):
-                setattr(section, f.name, timestep(key, value))
-            elif isinstance(value, list) and any(isinstance(v, dict) for v in value):
-                setattr(section, f.name, [timestep(f"{key}[{i}]", v) if isinstance(v, dict) else v
-                                          for i, v in enumerate(value)])
-
+        fail(first_key, f"a noise level needs the teacher's noise schedule, and its scheduler config does not give one: {err}")
     student = config.student.timesteps
     if len(student) > 1 and all(isinstance(v, dict) for v in student):
         config.student.timesteps = _student_timesteps(schedule, student)
-    walk(config, "")
+    for section, name, index, key in _levels(config):  # what the student's list left
+        value = getattr(section, name)
+        if index is None:
+            setattr(section, name, nearest_timestep(schedule, level_log_snr(key, value)))
+        else:
+            value[index] = nearest_timestep(schedule, level_log_snr(key, value[index]))
 
 
 def _student_timesteps(schedule, levels: list[dict]) -> list:
@@ -109,14 +102,14 @@ def _scheduler_config(key: str, path: str, revision: str | None) -> dict:
     name = "scheduler/scheduler_config.json"
     local = local_or_hub(path)
     if local is not None:
-        file = local / name
-        if not file.is_file():
-            fail(key, f"a noise level is resolved against the teacher's noise schedule, and {file} does not exist")
-        return json.loads(file.read_text())
+        config = teacher_scheduler_config(path, revision)
+        if config is None:
+            fail(key, f"a noise level is resolved against the teacher's noise schedule, and {local / name} does not exist")
+        return config
     from huggingface_hub import hf_hub_download
 
     try:
-        return json.loads(open(hf_hub_download(path, name, revision=revision)).read())
+        return json.loads(Path(hf_hub_download(path, name, revision=revision)).read_text())
     except Exception as err:  # offline, unknown repo, no such file: all say the same to the user
         fail(key, f"a noise level is resolved against the teacher's noise schedule, and {name} of {path!r} could not "
              f"be read from the hub ({type(err).__name__}: {err}); give an integer timestep, or a local teacher")
