@@ -109,6 +109,39 @@ def test_a_method_without_a_critic_trains_through_the_trainer(tiny_teacher, tmp_
     assert config_lib.load(run / "config.yaml", ["resume=latest"]).method == RegressionConfig()
 
 
+@pytest.mark.parametrize("clip", [True, False])
+def test_the_students_training_output_is_clipped_as_its_sampler_clips_it(tiny_teacher, clip):
+    """The student trains on the x0 its sampler hands the user: clamped to the scheduler's
+    clip_sample_range where the teacher's scheduler clips (the tiny teacher's DDPMScheduler
+    does), unchanged where it does not; the gradient reaches the student through the pixels
+    inside the range only."""
+    from distill.students import FewStepSampler, make_roles
+    from distill.teachers import load_teacher
+
+    teacher = load_teacher(str(tiny_teacher))
+    if not clip:
+        teacher.schedule.clip_sample_range = None
+    sampler = FewStepSampler([100], teacher.schedule)  # the random tiny teacher sends part of its pixels outside [-1, 1]
+    student, _, _ = make_roles(teacher.denoiser, student_lora=None, fake_score_lora=None)
+    student.requires_grad_(True)
+    batch = {"class_label": torch.arange(8) % 10}
+    cond = teacher.condition(batch)
+    x0, k = student_x0(teacher, sampler, student, batch, cond, torch.Generator().manual_seed(0), grad=True,
+                       backward_simulation=True)
+    noise = torch.randn((8, *teacher.sample_shape), generator=torch.Generator().manual_seed(0))  # its first draw
+    raw = Denoiser(teacher, student).x0(noise, sampler.timestep(0, noise), cond)
+    assert k == 0 and 0.1 < float((raw.abs() > 1).float().mean()) < 0.99
+    sampled = sampler.sample(lambda x_t, t: Denoiser(teacher, student).x0(x_t, t, cond), noise, None)
+    torch.testing.assert_close(x0, sampled)
+    torch.testing.assert_close(x0, raw.clamp(-1, 1) if clip else raw)
+    params = list(student.parameters())
+    through_x0 = torch.autograd.grad(x0.sum(), params)
+    inside = (raw.abs() <= 1).float() if clip else torch.ones_like(raw)
+    through_inside = torch.autograd.grad((raw * inside).sum(), params)
+    for a, b in zip(through_x0, through_inside):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("backbone", ["fake_score", "teacher"])
 def test_the_discriminator_sees_its_own_timestep_range(tiny_teacher, backbone):
     """method.gan.t_min / t_max: the GAN's real and fake inputs are re-noised in their own range,

@@ -43,7 +43,14 @@ def student_x0(teacher: "Teacher", sampler: FewStepSampler, student: nn.Module, 
     pure noise, as in sampling; a later step's input comes from running the student's own
     earlier steps (backward simulation, DMD2 §4.5) or from a real image noised to that
     step's timestep (ADD §3.1). The step is the same on every rank (``distill.data.agreed``:
-    the first draws of a step's generator are this function's)."""
+    the first draws of a step's generator are this function's).
+
+    The x0 is what the student's sampler hands the user: clipped as the teacher's scheduler
+    clips it (``schedule.clip_x0``; a pixel teacher's ``clip_sample``, nothing for latents),
+    as the export's stock scheduler does. So the losses see the samples users get, and a
+    pixel background can sit at the clip's edge (raw outputs below it) as real digits'
+    exact black does, instead of spreading around it; the gradient reaches the student
+    through the pixels inside the range."""
     device = next(iter(cond.values())).device if cond else batch["image"].device
     n = len(next(v for k, v in batch.items() if k in ("class_label", "prompt", "image", "latent") or k.startswith("cond.")))
     shape = (n, *teacher.sample_shape)
@@ -60,7 +67,7 @@ def student_x0(teacher: "Teacher", sampler: FewStepSampler, student: nn.Module, 
     else:
         x_t = teacher.schedule.add_noise(real_x0(teacher, batch).to(device), noise, sampler.timestep(k, noise))
     with nullcontext() if grad else torch.no_grad():
-        return x0_fn(x_t, sampler.timestep(k, x_t)), k
+        return teacher.schedule.clip_x0(x0_fn(x_t, sampler.timestep(k, x_t))), k
 
 
 def regularised_inputs(kind: str, fake: Tensor, real: Tensor, sigma: float, generator: torch.Generator) -> list[Tensor]:
