@@ -130,6 +130,19 @@ class DDPMSchedule(_Schedule):
             return x0.clamp(-self.clip_sample_range, self.clip_sample_range)
         return x0
 
+    def clipped_fraction(self, x0: Tensor) -> Tensor | None:
+        """Of an x0 that ``clip_x0`` returned, the fraction of its values that the clip moved
+        (a 0-dim float tensor): those on the clip's bound, ``clip_sample_range``, or 1 after
+        thresholding's division by s (a value it did not clamp ends strictly inside). None
+        when this scheduler does not clip."""
+        if self.thresholding is not None:
+            bound = 1.0
+        elif self.clip_sample_range is not None:
+            bound = self.clip_sample_range
+        else:
+            return None
+        return (x0.detach().abs() >= bound).float().mean()
+
     @property
     def last_timestep(self) -> int:
         """The largest timestep a student may use: T - 1 (the integers 0 .. T - 1)."""
@@ -173,6 +186,10 @@ class FlowSchedule(_Schedule):
     def clip_x0(self, x0: Tensor) -> Tensor:
         """Flow-matching schedulers leave x0 estimates as they are."""
         return x0
+
+    def clipped_fraction(self, x0: Tensor) -> None:
+        """None: flow-matching schedulers do not clip (``clip_x0``)."""
+        return None
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None, t_min: float | None = None,
                          t_max: float | None = None, device: torch.device | str | None = None) -> Tensor:

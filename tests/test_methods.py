@@ -142,6 +142,37 @@ def test_the_students_training_output_is_clipped_as_its_sampler_clips_it(tiny_te
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("clip", [True, False])
+def test_the_generator_logs_the_fraction_of_its_output_the_clip_moved(tiny_teacher, clip):
+    """generator/student_x0_clipped: the share of the student's raw x0 values outside the
+    scheduler's clip range (what the sampler's clamp moves); not logged when the scheduler
+    does not clip."""
+    from distill.students import FewStepSampler, make_roles
+    from distill.teachers import load_teacher
+
+    teacher = load_teacher(str(tiny_teacher))
+    if not clip:
+        teacher.schedule.clip_sample_range = None
+    sampler = FewStepSampler([100], teacher.schedule)
+    section = config_lib.load(None, [f"teacher.path={tiny_teacher}", "eval.features=[]", "eval.classifier=null"]).method
+    method = section.build(teacher=teacher, sampler=sampler, guidance_scale=1.0, backward_simulation=True)
+    student, _, fake_score = make_roles(teacher.denoiser, student_lora=None, fake_score_lora=None)
+    student.requires_grad_(True)
+    critic = method.build_critic(fake_score=fake_score, device="cpu")
+    batch = {"image": torch.rand(8, 1, 8, 8) * 2 - 1, "class_label": torch.arange(8) % 10}
+    _, logs = method.generator_loss(student, critic, batch, torch.Generator().manual_seed(3), "cpu")
+    cond = teacher.condition(batch)
+    noise = torch.randn((8, *teacher.sample_shape), generator=torch.Generator().manual_seed(3))  # its first draw
+    with torch.no_grad():
+        raw = Denoiser(teacher, student).x0(noise, sampler.timestep(0, noise), cond)
+    if clip:
+        expected = float((raw.abs() > 1).float().mean())
+        assert 0.1 < expected < 0.99 and float(logs["student_x0_clipped"]) == pytest.approx(expected)
+        assert float(logs["student_x0_abs_max"]) == 1.0
+    else:
+        assert "student_x0_clipped" not in logs and float(logs["student_x0_abs_max"]) == pytest.approx(float(raw.abs().max()))
+
+
 @pytest.mark.parametrize("backbone", ["fake_score", "teacher"])
 def test_the_discriminator_sees_its_own_timestep_range(tiny_teacher, backbone):
     """method.gan.t_min / t_max: the GAN's real and fake inputs are re-noised in their own range,

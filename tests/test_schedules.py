@@ -238,3 +238,9 @@ def test_clip_x0_follows_the_scheduler_config():
     stock = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)
     thresholding = schedule_from_config(dict(stock.config, _class_name="DDPMScheduler"))
     torch.testing.assert_close(thresholding.clip_x0(x0), stock._threshold_sample(x0))
+    # clipped_fraction: the share of values the clip moved, read off its output
+    assert clipping.clipped_fraction(clipping.clip_x0(x0)) == (x0.abs() > 1).float().mean() == 86 / 128
+    assert wide.clipped_fraction(wide.clip_x0(x0)) == (x0.abs() > 2).float().mean()
+    # each sample's 0.9-quantile of |x0| is about 2.7, so s = sample_max_value = 2.5 for both
+    assert thresholding.clipped_fraction(thresholding.clip_x0(x0)) == (x0.abs() > 2.5).float().mean() > 0
+    assert off.clipped_fraction(x0) is None and euler.clipped_fraction(x0) is None and flow.clipped_fraction(x0) is None

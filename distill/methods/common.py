@@ -177,6 +177,9 @@ class AdversarialMethod:
         logs.update(grad_logs)
         logs["generator_loss"] = sum(terms.values()).detach()
         logs["student_x0_abs_max"] = x0_student.detach().abs().amax()
+        clipped = self.schedule.clipped_fraction(x0_student)
+        if clipped is not None:
+            logs["student_x0_clipped"] = clipped
         return loss, logs
 
     def _critic_result(self, loss: Tensor, logs: dict, logits: Tensor, inputs: list[Tensor],
