@@ -91,7 +91,8 @@ def main() -> None:
             print(line, flush=True)
     header = (
         f"{args.steps} student steps per run (minutes: its training time on {os.cpu_count()} CPU cores, {platform.machine()}, "
-        "shared with other jobs, so only roughly comparable), 1-step students, "
+        f"{os.environ.get('OMP_NUM_THREADS', 'default')} torch threads per run, one run at a time; only roughly comparable "
+        "across machines), 1-step students, "
         f"seed 0, regulariser weight {args.r1_weight:g} (approximated R1: sigma 0.01); FD, precision and recall against the "
         f"1,437 training digits in the digits classifier's features on 2,000 samples; {time.strftime('%Y-%m-%d')}. "
         "The DINOv2 backbone is a randomly initialised 4-layer DINOv2 (scripts/make_random_dinov2.py), not DINOv2's weights.\n\n"
