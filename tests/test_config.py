@@ -129,6 +129,7 @@ BAD_RECIPES = {
     "unreproducible-timesteps": ({"student": {"timesteps": [999, 500]}}, "student.timesteps"),
     "ema-decay-one": ({"train": {"ema_decay": 1.0}}, "train.ema_decay"),
     "negative-gan-weight": ({"method": {"gan": {"weight": -0.5}}}, "method.gan.weight"),
+    "zero-gan-grad-ratio": ({"method": {"gan": {"weight": 0.1, "max_grad_ratio": 0}}}, "method.gan.max_grad_ratio"),
     "zero-batch": ({"data": {"batch_size": 0}}, "data.batch_size"),
     "bad-betas": ({"optim": {"critic": {"betas": [0.5]}}}, "optim.critic.betas"),
     "t-min-above-t-max": ({"method": {"t_min": 500, "t_max": 400}}, "method.t_min"),

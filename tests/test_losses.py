@@ -318,3 +318,22 @@ def test_generator_objective_has_the_terms_gradient_and_logs_their_ratio():
     assert logs["grad_dmd"].item() == pytest.approx((5.0 + 1.0) / 2)  # per-sample norms 5 and 1
     assert logs["grad_gan"].item() == pytest.approx(math.sqrt(8))
     assert logs["gan_grad_ratio"].item() == pytest.approx(4.0 / math.sqrt(26))  # |2 * ones| / |x0|
+
+
+def test_generator_objective_caps_the_gan_pull_at_max_gan_ratio():
+    from distill.methods.common import generator_objective
+
+    x0 = torch.tensor([[3.0, 4.0], [0.0, 1.0]], requires_grad=True)
+    terms = lambda: {"dmd": 0.5 * (x0**2).sum(), "gan": (2 * x0).sum()}  # ratio 4 / sqrt(26) ~ 0.78
+    loss, logs = generator_objective(x0, terms(), max_gan_ratio=0.5)
+    loss.backward()
+    scale = 0.5 / (4.0 / math.sqrt(26))
+    assert logs["gan_grad_scale"].item() == pytest.approx(scale)
+    assert logs["gan_grad_ratio"].item() == pytest.approx(4.0 / math.sqrt(26))  # logged before the cap
+    torch.testing.assert_close(x0.grad, x0.detach() + 2 * scale)  # the GAN's direction, half the DMD norm
+    assert (x0.grad - x0.detach()).norm().item() == pytest.approx(0.5 * math.sqrt(26))
+    x0.grad = None
+    loss, logs = generator_objective(x0, terms(), max_gan_ratio=2.0)  # a cap that does not bind
+    loss.backward()
+    assert logs["gan_grad_scale"].item() == 1.0
+    torch.testing.assert_close(x0.grad, x0.detach() + 2)

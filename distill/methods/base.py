@@ -142,8 +142,16 @@ class GanConfig:
         "Where little signal is left (small images at high noise) it tells real from fake by noise: a lower t_max "
         "lets it judge what the samples look like")
 
+    max_grad_ratio: Optional[float] = setting(
+        None, "cap on the GAN term's pull: where the norm of its gradient at the student's output exceeds this times "
+        "that of the other terms (distribution matching, distillation), it is scaled down to it, direction kept "
+        "(null: no cap). The ratio is logged as generator/gan_grad_ratio; a critic sharpening on a small real set "
+        "makes it climb past 1 late in a run, where samples start to wander")
+
     def check(self) -> None:
         check_not_negative({"method.gan.weight": self.weight})
+        if self.max_grad_ratio is not None:
+            check_positive({"method.gan.max_grad_ratio": self.max_grad_ratio})
         if self.r1.kind != "none" and self.weight == 0:
             fail("method.gan.r1.kind", f"{self.r1.kind!r} regularises the GAN discriminator, but method.gan.weight is 0")
         self.discriminator.check()
@@ -190,6 +198,6 @@ class AdversarialMethodConfig(MethodConfig):
         g, d = self.gan, self.gan.discriminator
         gan_t_min, gan_t_max = self.gan_timestep_range()
         return dict(critic_updates=self.critic_updates, t_min=self.t_min, t_max=self.t_max, gan_t_min=gan_t_min,
-                    gan_t_max=gan_t_max, gan_weight=g.weight,
-                    gan_loss=g.loss, r1_kind=g.r1.kind, r1_weight=g.r1.weight, r1_sigma=g.r1.sigma,
+                    gan_t_max=gan_t_max, gan_weight=g.weight, gan_loss=g.loss,
+                    gan_max_grad_ratio=g.max_grad_ratio, r1_kind=g.r1.kind, r1_weight=g.r1.weight, r1_sigma=g.r1.sigma,
                     discriminator_backbone=d.backbone, dinov2=d.dinov2, layers=d.layers, head_width=d.head_width)

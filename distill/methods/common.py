@@ -5,7 +5,7 @@ discriminator step (which inputs a regulariser needs, and its penalty), and
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor, nn
@@ -111,7 +111,8 @@ def regularised_penalty(kind: str, logits: Tensor, inputs: list[Tensor], sigma: 
         real_inputs=inputs[1], fake_inputs=inputs[0], sigma=sigma, signs=signs)
 
 
-def generator_objective(x0_student: Tensor, terms: dict[str, Tensor]) -> tuple[Tensor, dict]:
+def generator_objective(x0_student: Tensor, terms: dict[str, Tensor],
+                        max_gan_ratio: Optional[float] = None) -> tuple[Tensor, dict]:
     """The generator phase's loss to backpropagate, from its weighted ``terms`` (each a scalar
     function of the student's output ``x0_student`` [B, ...], e.g. ``{"dmd": ..., "gan": ...}``),
     and the gradient each term sends to that output.
@@ -121,13 +122,24 @@ def generator_objective(x0_student: Tensor, terms: dict[str, Tensor]) -> tuple[T
     student's backward runs once, as it would for the sum of the terms. Logs ``grad_<name>``,
     the mean per-sample L2 norm of each term's gradient at x0, and for a GAN term
     ``gan_grad_ratio`` = |grad_gan| / |grad of the other terms| (both batch norms): how hard the
-    adversarial term pulls against distribution matching or distillation."""
+    adversarial term pulls against distribution matching or distillation.
+
+    ``max_gan_ratio`` caps that pull: where the ratio exceeds it, the GAN term's gradient is
+    scaled down to ``max_gan_ratio`` times the others' (its direction kept), and
+    ``gan_grad_scale`` logs the factor applied (1 where the cap did not bind). A critic that
+    sharpens on a finite set of real images otherwise comes to outweigh the distribution
+    matching it was meant to assist."""
     grads = {name: torch.autograd.grad(term, x0_student, retain_graph=True)[0].float() for name, term in terms.items()}
-    total = sum(grads.values())
     logs = {f"grad_{name}": g.detach().flatten(1).norm(dim=1).mean() for name, g in grads.items()}
     if "gan" in grads and len(grads) > 1:
         others = sum(g for name, g in grads.items() if name != "gan")
-        logs["gan_grad_ratio"] = grads["gan"].norm() / others.norm().clamp_min(1e-30)
+        ratio = grads["gan"].norm() / others.norm().clamp_min(1e-30)
+        logs["gan_grad_ratio"] = ratio
+        if max_gan_ratio is not None:
+            scale = (max_gan_ratio / ratio.clamp_min(1e-30)).clamp(max=1.0)
+            grads["gan"] = grads["gan"] * scale
+            logs["gan_grad_scale"] = scale
+    total = sum(grads.values())
     return (x0_student.float() * total.detach()).sum(), logs
 
 
@@ -141,8 +153,8 @@ class AdversarialMethod:
     fake_score_lora = None
 
     def __init__(self, *, teacher: "Teacher", sampler: FewStepSampler, guidance_scale: float, critic_updates: int,
-                 t_min: int, t_max: int, gan_t_min: int, gan_t_max: int, gan_weight: float, gan_loss: str, r1_kind: str, r1_weight: float,
-                 r1_sigma: float, discriminator_backbone: str, dinov2: str, layers: list[int], head_width: int):
+                 t_min: int, t_max: int, gan_t_min: int, gan_t_max: int, gan_weight: float, gan_loss: str,
+                 gan_max_grad_ratio: Optional[float], r1_kind: str, r1_weight: float, r1_sigma: float, discriminator_backbone: str, dinov2: str, layers: list[int], head_width: int):
         self.teacher, self.sampler, self.schedule = teacher, sampler, teacher.schedule
         self.mu_real = Denoiser(teacher, teacher.denoiser, guidance_scale)
         self.critic_updates = critic_updates
@@ -150,7 +162,7 @@ class AdversarialMethod:
         self.gan_t_min, self.gan_t_max = gan_t_min, gan_t_max
         # the discriminator's timesteps come from their own draws only when their range differs
         self.separate_gan_timesteps = (gan_t_min, gan_t_max) != (t_min, t_max)
-        self.gan_weight, self.gan_loss = gan_weight, gan_loss
+        self.gan_weight, self.gan_loss, self.gan_max_grad_ratio = gan_weight, gan_loss, gan_max_grad_ratio
         self.r1_kind, self.r1_weight, self.r1_sigma = r1_kind, r1_weight, r1_sigma
         self.discriminator_backbone, self.dinov2, self.layers, self.head_width = discriminator_backbone, dinov2, layers, head_width
 
@@ -173,7 +185,7 @@ class AdversarialMethod:
 
     def _generator_result(self, x0_student: Tensor, terms: dict[str, Tensor], logs: dict) -> tuple[Tensor, dict]:
         """The generator phase's loss from its weighted ``terms`` (``generator_objective``), with its logs."""
-        loss, grad_logs = generator_objective(x0_student, terms)
+        loss, grad_logs = generator_objective(x0_student, terms, self.gan_max_grad_ratio)
         logs.update(grad_logs)
         logs["generator_loss"] = sum(terms.values()).detach()
         logs["student_x0_abs_max"] = x0_student.detach().abs().amax()
