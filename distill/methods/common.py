@@ -154,7 +154,8 @@ class AdversarialMethod:
 
     def __init__(self, *, teacher: "Teacher", sampler: FewStepSampler, guidance_scale: float, critic_updates: int,
                  t_min: int, t_max: int, gan_t_min: int, gan_t_max: int, gan_weight: float, gan_loss: str,
-                 gan_max_grad_ratio: Optional[float], r1_kind: str, r1_weight: float, r1_sigma: float, discriminator_backbone: str, dinov2: str, layers: list[int], head_width: int):
+                 gan_max_grad_ratio: Optional[float], r1_kind: str, r1_weight: float, r1_sigma: float,
+                 discriminator_backbone: str, dinov2: str, layers: list[int], head_width: int):
         self.teacher, self.sampler, self.schedule = teacher, sampler, teacher.schedule
         self.mu_real = Denoiser(teacher, teacher.denoiser, guidance_scale)
         self.critic_updates = critic_updates
