@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's student as a diffusers pipeline directory")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
-    p.add_argument("--checkpoint", default="latest", help="'latest', 'best' (kept by eval.every) or a checkpoint directory")
+    p.add_argument("--checkpoint", default="latest", help="'latest', 'best' (kept by eval.every), a checkpoint's name in the run (step-001400) or a checkpoint directory")
     p.add_argument("--formats", "--format", nargs="+", choices=["pipeline", "lora", "kohya", "lora-extract", "single-file"],
                    default=None,
                    help="what to write (default: all the student has): pipeline (LoRA fused in), lora (diffusers "
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help in (("sample", "draw a grid of samples"), ("eval", "score samples: FD, KID, precision/recall, CMMD, class accuracy, speed")):
         p = sub.add_parser(name, help=f"{help} from a run directory, an export, or a teacher with --solver")
         p.add_argument("target", help="run directory, exported pipeline directory, or teacher (local dir or hub id) with --solver")
-        p.add_argument("--checkpoint", default="latest", help="for a run: 'latest', 'best' or a checkpoint directory")
+        p.add_argument("--checkpoint", default="latest", help="for a run: 'latest', 'best', a checkpoint's name (step-001400) or a checkpoint directory")
         p.add_argument("--steps", type=int, default=None,
                        help="sampling steps (default: the student's; with --solver and eval: 1, 2, 4, 8, 25 and 50)")
         p.add_argument("--solver", choices=["ddim", "dpmsolver++", "all"], default=None,

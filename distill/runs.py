@@ -91,8 +91,8 @@ def find_checkpoint(output_dir: str | Path, which: str = "latest", *, training_s
                     report: Callable[[str], None] = _stderr) -> Path:
     """The newest complete checkpoint of a run (``which='latest'``; damaged newer ones are
     passed over and ``report``-ed), the best one kept by the evaluations during training
-    (``'best'``), or the directory given, checked (``training_state``: that it also holds what
-    a resume loads)."""
+    (``'best'``), or the one named: a directory, or a checkpoint of this run by its name
+    (``'step-001400'``), checked (``training_state``: that it also holds what a resume loads)."""
     if which == BEST:
         best = Path(output_dir) / CHECKPOINTS / BEST
         if not (best / STUDENT).is_dir():
@@ -100,9 +100,13 @@ def find_checkpoint(output_dir: str | Path, which: str = "latest", *, training_s
         which = str(best)
     if which != "latest":
         path = Path(which)
+        in_run = Path(output_dir) / CHECKPOINTS / which
+        if not path.exists() and in_run.exists():
+            path = in_run
         found = checkpoints.problems(path, training_state=training_state)
         if found:
-            raise FileNotFoundError(f"{path.resolve()}: {'; '.join(found)}")
+            also = "" if path == in_run or in_run.exists() else f" (nor is there a checkpoint {which!r} at {in_run.resolve()})"
+            raise FileNotFoundError(f"{path.resolve()}: {'; '.join(found)}{also}")
         return path
     newest, skipped = checkpoints.newest_complete(output_dir)
     for line in describe_skipped(skipped):

@@ -152,6 +152,19 @@ def test_find_checkpoint_says_where_it_looked(tmp_path):
         find_checkpoint(tmp_path)
 
 
+def test_find_checkpoint_reads_a_bare_name_inside_the_run(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    for name in ("step-000001", "step-000002"):
+        (tmp_path / "run" / "checkpoints" / name / "student").mkdir(parents=True)
+        save_file({"w": torch.zeros(2)}, tmp_path / "run" / "checkpoints" / name / "student" / "m.safetensors")
+    monkeypatch.chdir(tmp_path)  # the name is not a directory here, only inside the run
+    assert find_checkpoint("run", "step-000001") == Path("run/checkpoints/step-000001")
+    with pytest.raises(FileNotFoundError, match=r"step-000009: does not exist \(nor is there a checkpoint 'step-000009' "
+                                                r"at .*run/checkpoints/step-000009\)"):
+        find_checkpoint("run", "step-000009")
+
+
 @pytest.mark.slow
 def test_two_process_launch(tiny_teacher, tmp_path):
     run = tmp_path / "ddp"
