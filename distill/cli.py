@@ -210,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to write (default: all the student has): pipeline (LoRA fused in), lora (diffusers "
                         "LoRA for pipe.load_lora_weights, in lora/), kohya (kohya/ComfyUI LoRA, in kohya/); for a fully "
                         "trained student lora-extract (a rank --rank LoRA of its difference from the teacher, in lora/ "
-                        "and kohya/, its images' distance to the student in the card); single-file (SD 1.x/2.x/SDXL: "
-                        "distill_student.safetensors in the original layout, for AUTOMATIC1111 / ComfyUI)")
+                        "and kohya/, its images' distance to the student in the card); single-file "
+                        "(distill_student.safetensors in the family's original checkpoint layout, for AUTOMATIC1111 / "
+                        "ComfyUI; teachers/single_file.py says which families have one, and export names them when one has not)")
     p.add_argument("--rank", type=int, default=None, help="rank of the LoRA that lora-extract writes")
     p.add_argument("--prompts", default=None, help="lora-extract on a text-to-image run: prompts of the distance's images "
                                                     "(a .txt file or an HF dataset; default: the run's training data's)")
