@@ -146,7 +146,7 @@ class GanConfig:
         None, "cap on the GAN term's pull: where the norm of its gradient at the student's output exceeds this times "
         "that of the other terms (distribution matching, distillation), it is scaled down to it, direction kept "
         "(null: no cap). The ratio is logged as generator/gan_grad_ratio; a critic sharpening on a small real set "
-        "makes it climb past 1 late in a run, where samples start to wander")
+        "makes it climb past 1 late in a run")
 
     def check(self) -> None:
         check_not_negative({"method.gan.weight": self.weight})
