@@ -24,6 +24,7 @@ Adding a family is adding one ``Family`` entry to ``FAMILIES``.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from tiny_flux import build_tiny_flux
 
 from distill import train
 from distill.denoiser import Denoiser
-from distill.discriminators.backbones import denoiser_features
+from distill.discriminators.backbones import can_stop_early, capture, denoiser_features
 from distill.export import KOHYA_DIR, KOHYA_FILE, LORA_DIR, export
 from distill.runs import CONFIG
 from distill.sampling import balanced_labels, draw, sample_teacher
@@ -272,6 +273,44 @@ def test_features_hook_real_modules(family, teachers):
         # the feature is that module's output (a map of it), so it moves by exactly the perturbation
         torch.testing.assert_close((changed - features[i]).norm(), delta["d"].norm(), rtol=1e-4, atol=1e-4)
         assert (changed_output - output).abs().max() > 1e-6, f"feature module {i} is not on the network's path"
+
+
+def test_a_forward_stopped_at_the_last_feature_module_gives_the_same_features_and_gradients(family, teachers):
+    """denoiser_features(output=False) and a critic's heads: the forward ends once the last
+    wanted module has run. The features, and the gradients through them to the input and the
+    weights, equal the whole forward's; the modules after it (a UNet's decoder, a transformer's
+    later blocks and output layers) do not run; the bottleneck stops the same way."""
+    teacher = teachers(family)
+    network = copy.deepcopy(teacher.denoiser).requires_grad_(True)
+    cond, t = _condition(teacher), torch.tensor([300, 800])
+    ran = []
+    counters = [m.register_forward_hook(lambda m, a, out: ran.append(m)) for m in network.modules() if not list(m.children())]
+
+    def features(stop: bool, modules: list):
+        ran.clear()
+        x_t = _randn(teacher).requires_grad_(True)
+        output, maps = capture(modules, lambda: teacher.output(network, x_t, t, cond), stop=stop)
+        network.zero_grad(set_to_none=True)
+        sum((m.float() * torch.linspace(-1, 1, m.numel()).view(m.shape)).sum() for m in maps).backward()
+        grads = {n: p.grad.clone() for n, p in network.named_parameters() if p.grad is not None}
+        return output, maps, x_t.grad, grads, len(ran)
+
+    assert can_stop_early(network)
+    for modules in (teacher.feature_modules(network), [teacher.bottleneck(network)]):
+        full_out, full, full_dx, full_grads, full_ran = features(False, modules)
+        out, stopped, dx, grads, stopped_ran = features(True, modules)
+        assert full_out is not None and out is None
+        for a, b in zip(stopped, full, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(dx, full_dx, atol=1e-6, rtol=1e-4)
+        assert grads.keys() == full_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], full_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+        assert stopped_ran < full_ran, (stopped_ran, full_ran)
+    for counter in counters:
+        counter.remove()
+    _, maps = denoiser_features(teacher, network, _randn(teacher), t, cond, output=False)
+    assert [m.shape[1] for m in maps] == teacher.feature_channels()
 
 
 # --- a recipe trains, exports, and stock diffusers samples the student ------------------------------------

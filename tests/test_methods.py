@@ -208,13 +208,11 @@ def test_the_discriminator_sees_its_own_timestep_range(tiny_teacher, backbone):
         (t, disc_t), = seen
         return t, disc_t
 
-    t, disc_t = critic_times(["method.gan.t_max=60"])
-    gan_t = disc_t if backbone == "teacher" else t[16:]
-    denoise_t = t[:16]
-    assert gan_t.max() <= 60 and len(gan_t) == 32 and denoise_t.max() > 60
+    t, gan_t = critic_times(["method.gan.t_max=60"])  # x_t's timesteps, the discriminator's inputs'
+    assert gan_t.max() <= 60 and len(gan_t) == 32 and len(t) == 16 and t.max() > 60
     t, disc_t = critic_times([])  # the shared range: student samples at the fake score's own timesteps
-    if backbone == "fake_score":
-        assert len(t) == 32 and t.max() > 60
+    if backbone == "fake_score":  # the heads read x_t's bottleneck from its own forward, then the reals'
+        assert len(t) == 16 and len(disc_t) == 16 and disc_t.max() > 60
     else:
         assert torch.equal(disc_t[:16], t) and disc_t.max() > 60
     with pytest.raises(config_lib.ConfigError, match=r"method.gan.t_min: need 0 <= t_min < t_max, got 20 and 10"):
@@ -270,3 +268,60 @@ def test_renoise_floor_matches_each_step_from_the_next_steps_timestep_up(tiny_te
     assert int(floored[3].min()) < 124  # the last step: the whole range
     plain = draws(False)
     assert int(plain[0].min()) < 374 and all(int(t.min()) >= 20 and int(t.max()) <= 500 for t in plain.values())
+
+
+def test_the_critics_heads_read_a_forward_stopped_at_the_bottleneck(tiny_teacher):
+    """Critic(disc=...): the logits of inputs whose forward ends at the fake score's bottleneck
+    equal those of a whole forward (the inputs given as x_t), and so do the gradients they send
+    to the fake score's weights and the inputs; the decoder gets none. With gradient checkpointing
+    on, the forward runs whole (the hook would fire inside a checkpoint) to the same values."""
+    from distill.discriminators import can_stop_early
+    from distill.methods.dmd2 import Critic
+    from distill.students import FewStepSampler, enable_gradient_checkpointing, make_roles
+    from distill.teachers import load_teacher
+
+    teacher = load_teacher(str(tiny_teacher))
+    section = config_lib.load(None, [f"teacher.path={tiny_teacher}", "eval.features=[]", "eval.classifier=null",
+                                     "method.gan.weight=0.1"]).method
+
+    method = section.build(teacher=teacher, sampler=FewStepSampler([500], teacher.schedule), guidance_scale=1.0,
+                           backward_simulation=True)
+    torch.manual_seed(0)
+    _, _, fake_score = make_roles(teacher.denoiser, student_lora=None, fake_score_lora=None)
+    critic = method.build_critic(fake_score=fake_score, device="cpu")
+    assert isinstance(critic, Critic)
+    critic.eval()  # the heads' spectral norms would take a power-iteration step in each training-mode forward
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    t, cond = torch.tensor([10, 100, 200, 300, 600, 900]), {"class_labels": torch.arange(6) % 10}
+
+    def logits_and_grads(stopped: bool):
+        inputs = x.clone().requires_grad_(True)
+        critic.zero_grad(set_to_none=True)
+        if stopped:
+            output, logits = critic(None, None, cond, with_logits=True, disc=(inputs, t, cond))
+            assert output is None
+        else:
+            output, logits = critic(inputs, t, cond, with_logits=True)
+            assert output.shape == x.shape
+        (logits * torch.linspace(-1, 2, logits.numel()).view(logits.shape)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in critic.named_parameters() if p.grad is not None}
+        return logits.detach(), inputs.grad, grads
+
+    whole, whole_dx, whole_grads = logits_and_grads(False)
+    assert can_stop_early(critic.denoiser)
+    stopped, stopped_dx, stopped_grads = logits_and_grads(True)
+    torch.testing.assert_close(stopped, whole, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stopped_dx, whole_dx, atol=1e-7, rtol=1e-4)
+    assert stopped_grads.keys() == whole_grads.keys()
+    assert any(n.startswith("head.") for n in stopped_grads) and any(".down_blocks." in n for n in stopped_grads)
+    assert not any(".up_blocks." in n or ".conv_out." in n for n in stopped_grads)
+    for name in stopped_grads:
+        torch.testing.assert_close(stopped_grads[name], whole_grads[name], atol=1e-7, rtol=1e-4, msg=name)
+
+    enable_gradient_checkpointing(critic.denoiser)
+    assert not can_stop_early(critic.denoiser)
+    ran = []
+    hook = critic.denoiser.conv_out.register_forward_hook(lambda m, a, out: ran.append(True))
+    checkpointed, _, _ = logits_and_grads(True)
+    hook.remove()
+    assert ran and torch.allclose(checkpointed, whole, atol=1e-6, rtol=1e-5)

@@ -49,23 +49,59 @@ class Dinov2Backbone:
         return [out.hidden_states[i] for i in self.layers]
 
 
-def denoiser_features(teacher, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor],
-                      layers: list[int] | None = None) -> tuple[Tensor, list[Tensor]]:
-    """(model output, features [B, C_i, H_i, W_i] of the adapter's ``feature_modules``) from one
-    forward of ``denoiser``."""
-    modules = teacher.feature_modules(denoiser)
-    chosen = [modules[i] for i in (layers if layers else range(len(modules)))]
+class _Captured(Exception):
+    """Raised by a capturing hook once every module asked for has run: the forward ends there."""
+
+
+def can_stop_early(denoiser: nn.Module) -> bool:
+    """Whether a forward of ``denoiser`` may end part-way, at the last module whose output is
+    wanted. Not when something must see every forward run to its end: FSDP units or DeepSpeed
+    ZeRO-3 partitions (they gather and release weights in module hooks), activation-checkpointed
+    blocks (the hook would fire inside the checkpoint) or a compiled call. Those run the whole
+    network; the features are the same, only the compute is not saved."""
+    for module in denoiser.modules():
+        if any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for c in type(module).__mro__):
+            return False
+        if getattr(module, "gradient_checkpointing", False) or getattr(module, "_compiled_call_impl", None) is not None:
+            return False
+    return not any(hasattr(p, "ds_id") for p in denoiser.parameters())
+
+
+def capture(modules: list[nn.Module], call, *, stop: bool) -> tuple[Tensor | None, list[Tensor]]:
+    """(``call()``'s output, the outputs of ``modules`` during it (the first of a tuple), in
+    their order). With ``stop`` the call ends as soon as all of them have run and its output is
+    None: what comes after (a UNet's decoder, a transformer's later blocks) is neither computed
+    nor kept for backward, and gradients through the captured outputs are those of the whole
+    forward. DMD2 (Yin et al. 2024) classifies on the fake score's bottleneck the same way."""
     captured: dict[int, Tensor] = {}
-    hooks = [
-        module.register_forward_hook(lambda m, args, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out))
-        for i, module in enumerate(chosen)
-    ]
+
+    def keep(i, out):
+        captured[i] = out[0] if isinstance(out, tuple) else out
+        if stop and len(captured) == len(modules):
+            raise _Captured
+
+    hooks = [module.register_forward_hook(lambda m, args, out, i=i: keep(i, out)) for i, module in enumerate(modules)]
+    output = None
     try:
-        output = teacher.output(denoiser, x_t, t, cond)
+        output = call()
+    except _Captured:
+        pass
     finally:
         for hook in hooks:
             hook.remove()
-    return output, [captured[i] for i in range(len(chosen))]
+    return output, [captured[i] for i in range(len(modules))]
+
+
+def denoiser_features(teacher, denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: dict[str, Tensor],
+                      layers: list[int] | None = None, *, output: bool = True) -> tuple[Tensor | None, list[Tensor]]:
+    """(model output, features [B, C_i, H_i, W_i] of the adapter's ``feature_modules``) from one
+    forward of ``denoiser``. ``output=False``: the features only (the output is None), from a
+    forward that ends at the last chosen module where ``can_stop_early`` allows."""
+    modules = teacher.feature_modules(denoiser)
+    chosen = [modules[i] for i in (layers if layers else range(len(modules)))]
+    result, features = capture(chosen, lambda: teacher.output(denoiser, x_t, t, cond),
+                               stop=not output and can_stop_early(denoiser))
+    return (result if output else None), features
 
 
 def translate_and_cutout(images: Tensor, generator: torch.Generator) -> Tensor:
@@ -118,5 +154,5 @@ class Discriminator(nn.Module):
             features = self._dinov2(teacher.decode(x0))
         else:
             x_t = teacher.schedule.add_noise(x0, noise, t)
-            _, features = denoiser_features(teacher, teacher.denoiser, x_t, t, cond, self.layers)
+            _, features = denoiser_features(teacher, teacher.denoiser, x_t, t, cond, self.layers, output=False)
         return self.heads(features, teacher.head_condition(cond))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.denoiser import Denoiser, cat_conditions
-from distill.discriminators import Heads
+from distill.discriminators import Heads, can_stop_early, capture
 from distill.losses import denoising_loss, discriminator_adversarial_loss, dmd_loss, generator_adversarial_loss
 from distill.methods.base import METHOD_NAME_HELP, AdversarialMethodConfig, GanConfig
 from distill.methods.common import (AdversarialMethod, randn_like, real_x0, regularised_inputs, regulariser_context,
@@ -100,7 +100,13 @@ class Critic(nn.Module):
 
     def forward(self, x_t: Tensor | None, t: Tensor | None, cond: dict[str, Tensor], with_logits: bool = False,
                 disc: tuple | None = None):
-        """(model output [B, C, H, W] or None when ``x_t`` is None, logits [B, K] or None)."""
+        """(model output [B, C, H, W] of ``x_t``, or None when ``x_t`` is None; logits [B', K] or None).
+
+        ``with_logits``: the discriminator's logits. A separate discriminator reads ``disc =
+        (x0, t, noise, cond)``, clean samples. Heads on the bottleneck read every input the fake
+        score sees: ``x_t`` (its forward reaches the bottleneck anyway), then ``disc = (x_t, t,
+        cond)`` when given, in that order; ``disc``'s forward ends at the bottleneck (see
+        ``can_stop_early``), since only the logits are wanted of it."""
         if not with_logits:
             return self._teacher.output(self.denoiser, x_t, t, cond), None
         if self.discriminator is not None:
@@ -108,15 +114,17 @@ class Critic(nn.Module):
             return output, self.discriminator(*disc)
         if self.head is None:
             raise ValueError("this critic has no GAN head (method.gan.weight is 0)")
-        captured = {}
-        hook = self._teacher.bottleneck(self.denoiser).register_forward_hook(
-            lambda module, args, output: captured.__setitem__("features", output)
-        )
-        try:
-            output = self._teacher.output(self.denoiser, x_t, t, cond)
-        finally:
-            hook.remove()
-        return output, self.head([captured["features"]], self._teacher.head_condition(cond))
+        bottleneck = [self._teacher.bottleneck(self.denoiser)]
+        output, features = None, []
+        if x_t is not None:
+            output, features = capture(bottleneck, lambda: self._teacher.output(self.denoiser, x_t, t, cond), stop=False)
+        if disc is not None:
+            d_x, d_t, d_cond = disc
+            _, disc_features = capture(bottleneck, lambda: self._teacher.output(self.denoiser, d_x, d_t, d_cond),
+                                       stop=can_stop_early(self.denoiser))
+            features = features + disc_features
+        conds = ([cond] if x_t is not None else []) + ([disc[2]] if disc is not None else [])
+        return output, self.head([torch.cat(features)], self._teacher.head_condition(cat_conditions(conds)))
 
 
 class DMD2(AdversarialMethod):
@@ -173,7 +181,7 @@ class DMD2(AdversarialMethod):
         """The discriminator's logits on x0 (noised to t with ``noise`` where it reads noisy inputs)."""
         if self.separate_discriminator:
             return critic(None, None, cond, with_logits=True, disc=(x0, t, noise, cond))[1]
-        return critic(self.schedule.add_noise(x0, noise, t), t, cond, with_logits=True)[1]
+        return critic(None, None, cond, with_logits=True, disc=(self.schedule.add_noise(x0, noise, t), t, cond))[1]
 
     # ------------------------------------------------------------------------------------
     def generator_loss(self, student: nn.Module, critic: Critic, batch: dict, generator: torch.Generator, device) -> tuple[Tensor, dict]:
@@ -242,10 +250,10 @@ class DMD2(AdversarialMethod):
                 disc = (torch.cat(inputs), times, torch.cat([noise, noise_real, noise_real][: len(inputs)]), all_conds)
                 output, logits = critic(x_t, t, cond, with_logits=True, disc=disc)
             elif t_fake is t:  # the fake score's own forward on x_t gives the fake logits too
-                output, logits = critic(torch.cat(inputs), times, all_conds, with_logits=True)
-            else:  # x_t for the denoising loss, then the discriminator's inputs, in one forward
-                output, logits = critic(torch.cat([x_t, *inputs]), torch.cat([t, times]),
-                                        cat_conditions([cond] * (len(inputs) + 1)) if cond else {}, with_logits=True)
+                rest = (torch.cat(inputs[1:]), times[n:], cat_conditions([cond] * (len(inputs) - 1)) if cond else {})
+                output, logits = critic(x_t, t, cond, with_logits=True, disc=rest)
+            else:  # x_t for the denoising loss, then the discriminator's inputs
+                output, logits = critic(x_t, t, cond, with_logits=True, disc=(torch.cat(inputs), times, all_conds))
                 logits = logits[n:]
         loss, logs = denoising_loss(output[:n], target)
         logits_fake, logits_real = logits[:n], logits[n : 2 * n]
