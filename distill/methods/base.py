@@ -91,9 +91,11 @@ class R1Config:
         "inputs (R3GAN)"
     )
     weight: float = setting(
-        1.0, "weight (gamma / 2) of the regulariser in the critic loss. Every kind penalises the same quantity, the mean "
-        "over the discriminator's logits of each logit's squared input gradient, so one weight means the same for every "
-        "regulariser and every head (one logit or hundreds of tokens); see distill/losses/r1.py")
+        1.0e-3, "weight (gamma / 2) of the regulariser in the critic loss. Every kind penalises the same quantity, the "
+        "mean over the discriminator's logits of each logit's squared input gradient, so one weight means the same for "
+        "every regulariser and every head (one logit or hundreds of tokens); see distill/losses/r1.py. 1e-3 changes "
+        "DMD2 and ADD little on the digits teacher (docs/ablation.md); 1.0 silences DMD2's head on the fake score "
+        "(logit gap under 0.002, docs/benchmarks.md)")
     sigma: float = setting(
         0.01, "std of the Gaussian perturbation of real inputs for approximated R1 (its penalty is the mean squared "
         "change of the logits divided by sigma^2)")
