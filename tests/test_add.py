@@ -216,11 +216,14 @@ def test_recipe_trains_heads_and_student_never_the_backbone(name, r1, tiny_teach
     assert ("generator/dmd_loss" in rows[0]) == (name == "dmd2-dinov2")
 
 
-@pytest.mark.parametrize("r1", ["none", "approximated", "exact", "r2"])
-def test_dmd2_fake_score_heads_are_the_shared_heads_and_train_with_each_regulariser(r1, tiny_teacher, tmp_path):
+@pytest.mark.parametrize("r1, gan_t_max", [("none", 300), ("approximated", 300), ("exact", 300), ("r2", 300),
+                                           ("approximated", "null"), ("r2", "null")])
+def test_dmd2_fake_score_heads_are_the_shared_heads_and_train_with_each_regulariser(r1, gan_t_max, tiny_teacher, tmp_path):
+    """With the GAN's own timestep range (the recipe's t_max 300) and with the fake score's
+    (null: the fake logits come from the fake score's own forward on x_t, R2's leaf included)."""
     overrides = tiny_overrides(tiny_teacher, None, tmp_path / "run", **{
         "method.gan.weight": 0.5, "method.gan.discriminator.head_width": 8, "method.gan.r1.kind": r1,
-        "train.sample_every": 0, "train.ema_decay": 0})
+        "method.gan.t_max": gan_t_max, "train.sample_every": 0, "train.ema_decay": 0})
     trainer = DistillTrainer(config_lib.load(RECIPES["dmd2"], overrides))
     trainer.setup()
     critic = trainer.accelerator.unwrap_model(trainer.critic)

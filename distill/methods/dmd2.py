@@ -251,7 +251,7 @@ class DMD2(AdversarialMethod):
                 output, logits = critic(x_t, t, cond, with_logits=True, disc=disc)
             elif t_fake is t:  # the fake score's own forward on x_t gives the fake logits too
                 rest = (torch.cat(inputs[1:]), times[n:], cat_conditions([cond] * (len(inputs) - 1)) if cond else {})
-                output, logits = critic(x_t, t, cond, with_logits=True, disc=rest)
+                output, logits = critic(inputs[0], t, cond, with_logits=True, disc=rest)  # R2: the leaf it differentiates at
             else:  # x_t for the denoising loss, then the discriminator's inputs
                 output, logits = critic(x_t, t, cond, with_logits=True, disc=(torch.cat(inputs), times, all_conds))
                 logits = logits[n:]
