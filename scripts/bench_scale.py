@@ -21,7 +21,8 @@ weights (shared storages once), of the weights the optimizers train and of their
 the time of a step by phase from the run's own ``times.jsonl`` (the first step, warm-up,
 left out; ``best``: the fastest step against the fastest replays, less disturbed by other jobs
 on a shared machine). ``fwd+bwd alone``: every denoiser call of those steps (network, adapter, batch,
-grad or not) recorded, then each kind replayed alone, forward (and backward where the step
+grad or not, and the module it stopped after where it ended part-way, as the GAN heads' forwards
+do) recorded, then each kind replayed alone, forward (and backward where the step
 backpropagated it) on the inputs the step gave it, and summed over the calls; ``step /
 alone`` is the overhead of everything else (data, optimizer, EMA, logging, Python).
 
@@ -265,6 +266,8 @@ class CallRecorder:
     weights trained, batch), with the first inputs of each kind kept for ``replay``."""
 
     def __init__(self, trainer):
+        import torch
+
         from distill.offload import teacher_modules
         from distill.students import LoraRole
 
@@ -282,6 +285,12 @@ class CallRecorder:
             if network is not None and not isinstance(network, LoraRole):
                 self.networks[name] = network
         self.handles = [m.register_forward_pre_hook(self._hook(name), with_kwargs=True) for name, m in self.networks.items()]
+        # a call that ends part-way (the GAN's heads stop at the bottleneck: distill.discriminators.capture)
+        # never reaches its network's forward hook; the last module that finished is where it stopped
+        self.names = {name: {id(m): n for n, m in network.named_modules()} for name, network in self.networks.items()}
+        self.pending, self.last = None, None
+        self.handles += [m.register_forward_hook(lambda *_: self._finish(None)) for m in self.networks.values()]
+        self.handles.append(torch.nn.modules.module.register_module_forward_hook(self._finished_module))
 
     def _trained(self, name: str, adapter: str | None) -> bool:
         params = self.roles[adapter].parameters() if adapter else self.networks[name].parameters()
@@ -295,16 +304,29 @@ class CallRecorder:
         def record(module, args, kwargs):
             if not self.active:
                 return
+            self._finish(self.last)  # the call before, if it never finished, stopped there
             adapter = module.__dict__.get(_ACTIVE)
             x = args[0] if args else kwargs["hidden_states"]
             key = (adapter or name, adapter, torch.is_grad_enabled(), self._trained(name, adapter), int(x.shape[0]))
-            self.counts[key] = self.counts.get(key, 0) + 1
-            if key not in self.inputs:
-                clone = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
-                self.inputs[key] = (name, tuple(clone(a) for a in args),
-                                    {k: ({kk: clone(vv) for kk, vv in v.items()} if isinstance(v, dict) else clone(v))
-                                     for k, v in kwargs.items()})
+            clone = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            self.pending = (name, key, tuple(clone(a) for a in args),
+                            {k: ({kk: clone(vv) for kk, vv in v.items()} if isinstance(v, dict) else clone(v))
+                             for k, v in kwargs.items()})
         return record
+
+    def _finished_module(self, module, args, output):
+        if self.pending is not None and id(module) in self.names[self.pending[0]]:  # not the heads after it
+            self.last = module
+
+    def _finish(self, stopped_at) -> None:
+        """Count the pending call: whole (``stopped_at`` None) or ended after module ``stopped_at``."""
+        if self.pending is None:
+            return
+        name, key, args, kwargs = self.pending
+        self.pending = None
+        key = (*key, self.names[name].get(id(stopped_at)) if stopped_at is not None else None)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.inputs.setdefault(key, (name, args, kwargs))
 
     def replay(self, repeats: int = 2) -> dict[tuple, tuple[float, float]]:
         """Seconds of each recorded kind of call run alone (the mean and the least of
@@ -313,14 +335,16 @@ class CallRecorder:
         input where the network was frozen, as the GAN term's gradient reaches the sample)."""
         import torch
 
+        from distill.discriminators import capture
         from distill.students.roles import _adapters_on
 
+        self._finish(self.last)
         for handle in self.handles:
             handle.remove()
         cuda = torch.cuda.is_available()
         seconds = {}
         for key, (name, args, kwargs) in self.inputs.items():
-            _, adapter, grad, trained, _ = key
+            _, adapter, grad, trained, _, stop = key
             network = self.networks[name]
             params = list(self.roles[adapter].parameters() if adapter else network.parameters())
             saved = [p.requires_grad for p in params]
@@ -338,8 +362,11 @@ class CallRecorder:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 with _adapters_on(self.networks["teacher"], adapter), torch.set_grad_enabled(grad):
-                    out = network(*call_args, **kwargs)
-                    out = out.sample if hasattr(out, "sample") else out[0]
+                    if stop is None:
+                        out = network(*call_args, **kwargs)
+                        out = out.sample if hasattr(out, "sample") else out[0]
+                    else:  # as the step ran it: to the module it stopped after
+                        _, (out,) = capture([network.get_submodule(stop)], lambda: network(*call_args, **kwargs), stop=True)
                     if grad:
                         out.float().sum().backward()
                 if cuda:
@@ -397,7 +424,7 @@ def child(argv: list[str]) -> None:
     counted = max(len(steps_seen) - 1, 1)
     alone_s = sum(recorder.counts[key] * seconds for key, (seconds, _) in alone.items()) / counted
     alone_min_s = sum(recorder.counts[key] * least for key, (_, least) in alone.items()) / counted
-    calls = {f"{k[0]}{'/grad' if k[2] else ''}{'/trained' if k[3] else ''}/b{k[4]}": v / counted
+    calls = {f"{k[0]}{'/grad' if k[2] else ''}{'/trained' if k[3] else ''}/b{k[4]}{f'/to:{k[5]}' if k[5] else ''}": v / counted
              for k, v in recorder.counts.items()}
     print("BENCH_ROW " + json.dumps({
         "peak_gb": peak / GB, "weights_gb": weights / GB, "trained_params": sum(p.numel() for p in trained),
