@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make digits   train, export and score the built-in digits student (14 minutes on 2 idle CPU cores)
+#   make digits   train, export and score the built-in digits student (14-32 minutes on 2 idle CPU cores, by machine)
 #   make test     the offline test suite
 # Both first run `setup`, which installs distill and its dependencies into the current Python.
 # Where no torch is installed and there is no NVIDIA GPU, it installs the CPU build first
