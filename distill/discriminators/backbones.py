@@ -58,7 +58,10 @@ def can_stop_early(denoiser: nn.Module) -> bool:
     wanted. Not when something must see every forward run to its end: FSDP units or DeepSpeed
     ZeRO-3 partitions (they gather and release weights in module hooks), activation-checkpointed
     blocks (the hook would fire inside the checkpoint) or a compiled call. Those run the whole
-    network; the features are the same, only the compute is not saved."""
+    network; the features are the same, only the compute is not saved. Under FSDP2 (torch 2.13) a
+    root forward that raises part-way leaves ``iter_forward_root`` set, so the next root forward
+    skips its stream waits until a backward's final callback clears it; recovering would take
+    ``reset_iter_state``, which drops in-flight gradients."""
     for module in denoiser.modules():
         if any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for c in type(module).__mro__):
             return False
