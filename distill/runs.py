@@ -92,7 +92,9 @@ def find_checkpoint(output_dir: str | Path, which: str = "latest", *, training_s
     """The newest complete checkpoint of a run (``which='latest'``; damaged newer ones are
     passed over and ``report``-ed), the best one kept by the evaluations during training
     (``'best'``), or the one named: a directory, or a checkpoint of this run by its name
-    (``'step-001400'``), checked (``training_state``: that it also holds what a resume loads)."""
+    (``'step-001400'``), checked (``training_state``: that it also holds what a resume loads).
+    For ``'latest'`` outside a resume, a run that keeps a best checkpoint of another step is
+    ``report``-ed, so a user of eval, export or sample hears that it exists."""
     if which == BEST:
         best = Path(output_dir) / CHECKPOINTS / BEST
         if not (best / STUDENT).is_dir():
@@ -116,6 +118,11 @@ def find_checkpoint(output_dir: str | Path, which: str = "latest", *, training_s
         passed = f" ({len(skipped)} damaged, passed over)" if skipped else ""
         raise FileNotFoundError(f"no complete checkpoint in {root.resolve()}{passed} "
                                 f"(looked for {CHECKPOINT_PREFIX}<step>/ directories)")
+    best = None if training_state else best_scores(output_dir)
+    if best is not None and best.get("step") != checkpoints.checkpoint_step(newest):
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in best.items() if k.startswith("fd_") and isinstance(v, (int, float)))
+        report(f"using {newest.name}, the latest; this run also keeps checkpoints/best (step {best.get('step')}"
+               f"{', ' + scores if scores else ''}): pass --checkpoint best for it")
     return newest
 
 

@@ -16,6 +16,7 @@ import torch
 from conftest import REPO, tiny_overrides
 
 from distill import train
+from distill.checkpoints import CHECKPOINT_INFO
 from distill.runs import find_checkpoint
 
 RECIPE_1STEP = str(REPO / "recipes" / "digits-dmd2-1step.yaml")
@@ -163,6 +164,29 @@ def test_find_checkpoint_reads_a_bare_name_inside_the_run(tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError, match=r"step-000009: does not exist \(nor is there a checkpoint 'step-000009' "
                                                 r"at .*run/checkpoints/step-000009\)"):
         find_checkpoint("run", "step-000009")
+
+
+def test_find_checkpoint_latest_names_the_kept_best(tmp_path):
+    from safetensors.torch import save_file
+
+    for name in ("step-000001", "step-000002", "best"):
+        (tmp_path / "checkpoints" / name / "student").mkdir(parents=True)
+        save_file({"w": torch.zeros(2)}, tmp_path / "checkpoints" / name / "student" / "m.safetensors")
+        if name != "best":  # what a resumable checkpoint adds: Accelerate's state and the file manifest
+            save_file({"w": torch.zeros(2)}, tmp_path / "checkpoints" / name / "model.safetensors")
+            (tmp_path / "checkpoints" / name / CHECKPOINT_INFO).write_text(json.dumps({"files": {}}))
+    best = tmp_path / "checkpoints" / "best" / "scores.json"
+    best.write_text(json.dumps({"step": 1, "fd_classifier": 1.234567, "recall_classifier": 0.9}))
+    said = []
+    assert find_checkpoint(tmp_path, report=said.append) == tmp_path / "checkpoints" / "step-000002"
+    assert said == ["using step-000002, the latest; this run also keeps checkpoints/best (step 1, fd_classifier 1.235): "
+                    "pass --checkpoint best for it"]
+    said.clear()
+    find_checkpoint(tmp_path, "best", report=said.append)
+    find_checkpoint(tmp_path, report=said.append, training_state=True)  # a resume: the latest, without the hint
+    best.write_text(json.dumps({"step": 2, "fd_classifier": 1.0}))  # the best is the latest: nothing to say
+    find_checkpoint(tmp_path, report=said.append)
+    assert said == []
 
 
 @pytest.mark.slow
