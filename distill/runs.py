@@ -118,8 +118,11 @@ def find_checkpoint(output_dir: str | Path, which: str = "latest", *, training_s
         passed = f" ({len(skipped)} damaged, passed over)" if skipped else ""
         raise FileNotFoundError(f"no complete checkpoint in {root.resolve()}{passed} "
                                 f"(looked for {CHECKPOINT_PREFIX}<step>/ directories)")
-    best = None if training_state else best_scores(output_dir)
-    if best is not None and best.get("step") != checkpoints.checkpoint_step(newest):
+    try:  # only a hint: an unreadable best never stands in the way of the latest
+        best = None if training_state else best_scores(output_dir)
+    except (OSError, ValueError):
+        best = None
+    if isinstance(best, dict) and best.get("step") != checkpoints.checkpoint_step(newest):
         scores = ", ".join(f"{k} {v:.4g}" for k, v in best.items() if k.startswith("fd_") and isinstance(v, (int, float)))
         report(f"using {newest.name}, the latest; this run also keeps checkpoints/best (step {best.get('step')}"
                f"{', ' + scores if scores else ''}): pass --checkpoint best for it")

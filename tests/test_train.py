@@ -186,6 +186,8 @@ def test_find_checkpoint_latest_names_the_kept_best(tmp_path):
     find_checkpoint(tmp_path, report=said.append, training_state=True)  # a resume: the latest, without the hint
     best.write_text(json.dumps({"step": 2, "fd_classifier": 1.0}))  # the best is the latest: nothing to say
     find_checkpoint(tmp_path, report=said.append)
+    best.write_text("{not json")  # damaged: the latest still loads, without the hint
+    assert find_checkpoint(tmp_path, report=said.append) == tmp_path / "checkpoints" / "step-000002"
     assert said == []
 
 
