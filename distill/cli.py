@@ -44,7 +44,7 @@ def _export(args) -> None:
 
     prompts = None
     if args.formats and "lora-extract" in args.formats:  # the distance's images: a text teacher needs prompts
-        prompts = _prompts(args, runs.load_run(args.run_dir, args.checkpoint).config)
+        prompts = _prompts(args, runs.load_config(args.run_dir)[0])
     out = export(args.run_dir, args.out_dir, checkpoint=args.checkpoint, formats=args.formats, rank=args.rank, prompts=prompts)
     print(f"exported {args.run_dir} -> {out}")
 
@@ -68,7 +68,7 @@ def _target(args, device):
     if runs.is_run(source):
         if args.solver:
             raise SystemExit(f"distill {args.command}: --solver samples a teacher pipeline; {source} is a run directory")
-        prompts = _prompts(args, runs.load_run(source, args.checkpoint).config)
+        prompts = _prompts(args, runs.load_config(source)[0])
         target, config = evaluate.run_target(source, args.checkpoint, args.steps, batch_size=args.batch_size, device=device,
                                              prompts=prompts)
         return [target], config
@@ -168,7 +168,7 @@ def _teacher_beside_student(args, student, device, out: Path) -> None:
         print(f"no teacher | student grid: {source} has no {recipe_file.name} naming its teacher")
         return
     teacher = yaml.safe_load(recipe_file.read_text())["teacher"]
-    prompts = _prompts(args, runs.load_run(source, args.checkpoint).config if runs.is_run(source) else None)
+    prompts = _prompts(args, runs.load_config(source)[0] if runs.is_run(source) else None)
     baseline = evaluate.teacher_target(teacher["path"], args.compare_solver, args.compare_steps,
                                        guidance_scale=teacher["guidance_scale"], batch_size=args.batch_size, device=device,
                                        revision=teacher["revision"], prompts=prompts)

@@ -47,7 +47,7 @@ BEST_SCORES = "scores.json"  # inside checkpoints/best: its step and scores
 DATA_REPORT = "data_report.json"  # the bad items data.on_bad_item=skip left out
 __all__ = ["BEST", "BEST_SCORES", "CHECKPOINTS", "CHECKPOINT_INFO", "CHECKPOINT_PREFIX", "CONFIG", "DATA_REPORT", "LOSSES", "METRICS", "TIMES",
            "Run", "SCORES", "SCORES_PLOT", "STUDENT", "append_row", "best_scores", "check_new_run", "checkpoint_path", "find_checkpoint",
-           "forget_steps_after", "is_run", "keep_if_best", "load_run", "prune_checkpoints", "read_metrics", "read_rows",
+           "forget_steps_after", "is_run", "keep_if_best", "load_config", "load_run", "prune_checkpoints", "read_metrics", "read_rows",
            "report_skipped", "samples_path", "write_checkpoint_info", "write_metrics"]
 
 
@@ -69,14 +69,20 @@ def is_run(path: str | Path) -> bool:
     return (Path(path) / CONFIG).is_file()
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "latest") -> Run:
-    """The run's resolved config (read through the schema) and its checkpoint ``checkpoint``
-    ('latest', 'best' or a directory)."""
+def load_config(run_dir: str | Path) -> tuple[Config, dict]:
+    """The run's resolved config (read through the schema) and the mapping its config.yaml holds;
+    no checkpoint is looked for."""
     run_dir = Path(run_dir)
     if not is_run(run_dir):
         raise FileNotFoundError(f"{run_dir.resolve()} is not a distill run directory (no {CONFIG})")
     recipe = yaml.safe_load((run_dir / CONFIG).read_text())
-    return Run(from_dict(recipe, str(run_dir / CONFIG)), recipe, find_checkpoint(run_dir, checkpoint))
+    return from_dict(recipe, str(run_dir / CONFIG)), recipe
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "latest") -> Run:
+    """The run's resolved config and its checkpoint ``checkpoint`` ('latest', 'best' or a
+    directory)."""
+    return Run(*load_config(run_dir), find_checkpoint(run_dir, checkpoint))
 
 
 def check_new_run(config: Config, source: str) -> None:

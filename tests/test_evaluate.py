@@ -285,6 +285,22 @@ def test_best_checkpoint_missing_says_where_it_looked(tmp_path):
         find_checkpoint(tmp_path, "best")
 
 
+def test_sample_of_a_run_names_its_kept_best_once(scored_run, tmp_path, capsys):
+    """``distill sample RUN`` reads the latest checkpoint and says, once, that a best one of
+    another step is kept (the prompts' config is read without resolving a checkpoint again)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(scored_run, run)
+    scores = run / "checkpoints" / "best" / "scores.json"
+    scores.write_text(json.dumps({**json.loads(scores.read_text()), "step": 1}))
+    capsys.readouterr()
+    cli(["sample", str(run), "--out", str(tmp_path / "grid.png"), "--num", "4"])
+    err = capsys.readouterr().err
+    assert err.count("using step-000004, the latest; this run also keeps checkpoints/best (step 1, fd_classifier ") == 1
+    assert (tmp_path / "grid.png").is_file()
+
+
 def test_distill_eval_on_a_run_an_export_and_a_teacher(scored_run, tiny_teacher, tiny_classifier, tmp_path, capsys):
     cache = tmp_path / "cache"
     common = ["--num", "30", "--classifier", str(tiny_classifier), "--cache-dir", str(cache), "--batch-size", "15",
