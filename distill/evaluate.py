@@ -216,23 +216,38 @@ def run_target(run_dir: str | Path, checkpoint: str = "latest", steps: int | Non
                device="cpu", prompts: list[str] | None = None) -> tuple[Target, dict]:
     """A training run's student (EMA weights of ``checkpoint``: 'latest', 'best' or a
     directory) under its own few-step sampler; also returns the run's resolved recipe."""
-    from distill.students import FewStepSampler, load_student
+    run = load_run(run_dir, checkpoint)
+    teacher = run_teacher(run.config, device)
+    target = student_target(teacher, run.config, run.checkpoint / STUDENT, steps, batch_size=batch_size, device=device,
+                            prompts=prompts, name=f"{Path(run_dir).name} ({run.checkpoint.name})")
+    return target, run.recipe
+
+
+def run_teacher(config, device="cpu"):
+    """The teacher of a run's ``config``, loaded on ``device``: in the run's dtype on a GPU,
+    float32 on the CPU, where half precision is slow or missing."""
     from distill.teachers import load_teacher
 
-    run = load_run(run_dir, checkpoint)
-    config = run.config
-    # the run's teacher dtype on a GPU; float32 on the CPU, where half precision is slow or missing
     dtype = getattr(torch, config.teacher.dtype) if torch.device(device).type == "cuda" else torch.float32
     teacher = load_teacher(config.teacher.path, config.teacher.revision, dtype=dtype, image_size=config.data.resolution)
-    teacher.to(device)
-    student = load_student(teacher.denoiser, run.checkpoint / STUDENT).to(device)
+    return teacher.to(device)
+
+
+def student_target(teacher, config, directory: str | Path, steps: int | None = None, *, batch_size: int, device="cpu",
+                   prompts: list[str] | None = None, name: str | None = None, adapter: str | None = None) -> Target:
+    """A saved student (``directory``: a checkpoint's ``student/``, full or LoRA) of a run with
+    ``config``, under the run's few-step sampler (its first ``steps`` timesteps), on
+    ``teacher``; a LoRA is loaded onto the teacher's network as ``adapter`` (None:
+    ``load_student``'s default)."""
+    from distill.students import FewStepSampler, load_student
+
+    student = load_student(teacher.denoiser, directory, **({} if adapter is None else {"adapter": adapter})).to(device)
     sampler = FewStepSampler(config.student.timesteps[: steps or None], teacher.schedule, teacher.step_noise)
 
     def target_draw(num: int, seed: int, clamp: bool = True):
         return draw_student(teacher, student, sampler, num, seed, batch_size, device, prompts, clamp)
 
-    name = f"student {Path(run_dir).name} ({run.checkpoint.name}), {_steps(len(sampler))}"
-    return Target(name, len(sampler), target_draw), run.recipe
+    return Target(f"student {name or Path(directory).name}, {_steps(len(sampler))}", len(sampler), target_draw)
 
 
 # ---------------------------------------------------------------------------- speed and tables
