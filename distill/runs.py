@@ -9,7 +9,11 @@ Run directory::
     samples/step-N.png    sample grids of the EMA student (fixed noise and labels)
     checkpoints/step-N/   accelerate state (models, optimizers, EMA, RNG, step) + student/
     checkpoints/best/     student/ with the best score seen by the evaluations during
-                          training, and scores.json (its step and scores)
+                          training, and scores.json (its step and scores); with
+                          eval.rescore_top, the shortlisted student of the lowest mean FD
+                          on fresh draws at the end (scores.json's "rescored")
+    checkpoints/shortlist/step-N/   eval.rescore_top: student/ and scores.json of each of the
+                          N lowest periodic scores so far
     scores.jsonl          one line of scores per evaluation during training (eval.every)
     scores.png            FD (and recall) against step, drawn from scores.jsonl
     data_report.json      the bad items data.on_bad_item=skip left out, each with why
@@ -43,12 +47,13 @@ from distill.errors import ConfigError
 CONFIG, LOSSES, SCORES, METRICS = "config.yaml", "losses.jsonl", "scores.jsonl", "metrics.json"
 SCORES_PLOT = "scores.png"  # FD and recall against step, redrawn at each evaluation (distill.plots)
 TIMES = "times.jsonl"  # beside losses.jsonl: times differ between runs that log the same losses
-BEST_SCORES = "scores.json"  # inside checkpoints/best: its step and scores
+BEST_SCORES = "scores.json"  # inside checkpoints/best and each shortlist entry: its step and scores
+SHORTLIST = "shortlist"  # inside checkpoints/: the eval.rescore_top lowest periodic scores, rescored at the end
 DATA_REPORT = "data_report.json"  # the bad items data.on_bad_item=skip left out
 __all__ = ["BEST", "BEST_SCORES", "CHECKPOINTS", "CHECKPOINT_INFO", "CHECKPOINT_PREFIX", "CONFIG", "DATA_REPORT", "LOSSES", "METRICS", "TIMES",
            "Run", "SCORES", "SCORES_PLOT", "STUDENT", "append_row", "best_scores", "check_new_run", "checkpoint_path", "find_checkpoint",
-           "forget_steps_after", "is_run", "keep_if_best", "load_config", "load_run", "prune_checkpoints", "read_metrics", "read_rows",
-           "report_skipped", "samples_path", "write_checkpoint_info", "write_metrics"]
+           "forget_steps_after", "is_run", "keep_if_best", "keep_if_shortlisted", "make_best", "load_config", "load_run", "prune_checkpoints", "read_metrics", "read_rows",
+           "report_skipped", "samples_path", "shortlist", "write_checkpoint_info", "write_metrics"]
 
 
 def _stderr(message: str) -> None:
@@ -129,7 +134,11 @@ def find_checkpoint(output_dir: str | Path, which: str = "latest", *, training_s
     except (OSError, ValueError):
         best = None
     if isinstance(best, dict) and best.get("step") != checkpoints.checkpoint_step(newest):
-        scores = ", ".join(f"{k} {v:.4g}" for k, v in best.items() if k.startswith("fd_") and isinstance(v, (int, float)))
+        rescored = best.get("rescored")
+        scored = rescored if isinstance(rescored, dict) else best  # eval.rescore_top: the fresh draws' mean
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in scored.items() if k.startswith("fd_") and isinstance(v, (int, float)))
+        if scored is rescored and scores:
+            scores += f" over {rescored.get('draws')} fresh draws"
         report(f"using {newest.name}, the latest; this run also keeps checkpoints/best (step {best.get('step')}"
                f"{', ' + scores if scores else ''}): pass --checkpoint best for it")
     return newest
@@ -196,6 +205,9 @@ def forget_steps_after(output_dir: str | Path, step: int, report: Callable[[str]
     best = best_scores(output_dir)
     if best is not None and best["step"] > step:
         shutil.rmtree(output_dir / CHECKPOINTS / BEST)
+    for entry in shortlist(output_dir):
+        if entry.step > step:
+            shutil.rmtree(entry.path)
     for checkpoint in listed_checkpoints(output_dir):
         if checkpoints.checkpoint_step(checkpoint) > step:
             aside = checkpoint.with_name(SET_ASIDE_PREFIX + checkpoint.name)
@@ -243,6 +255,58 @@ def keep_if_best(output_dir: str | Path, *, step: int, scores: dict, metric: str
         save_student(staging / STUDENT)
         (staging / BEST_SCORES).write_text(json.dumps({"step": step, **scores}, indent=2) + "\n")
     return True
+
+
+@dataclass
+class Shortlisted:
+    """One student of ``checkpoints/shortlist``: its directory (``student/``, ``scores.json``)
+    and its periodic scores."""
+
+    path: Path
+    scores: dict
+
+    @property
+    def step(self) -> int:
+        return self.scores["step"]
+
+
+def shortlist(output_dir: str | Path, metric: str | None = None) -> list[Shortlisted]:
+    """The shortlisted students, lowest ``metric`` first (None: by step). Entries are renamed
+    into place whole (``atomic_directory``); one whose scores.json does not parse is left out."""
+    root = Path(output_dir) / CHECKPOINTS / SHORTLIST
+    entries = []
+    for path in sorted(root.glob(f"{CHECKPOINT_PREFIX}*")) if root.is_dir() else []:
+        try:
+            scores = json.loads((path / BEST_SCORES).read_text())
+        except (OSError, ValueError):
+            continue
+        if (path / STUDENT).is_dir() and isinstance(scores, dict) and "step" in scores:
+            entries.append(Shortlisted(path, scores))
+    return sorted(entries, key=(lambda e: e.step) if metric is None else (lambda e: (e.scores[metric], e.step)))
+
+
+def keep_if_shortlisted(output_dir: str | Path, *, step: int, scores: dict, metric: str, size: int,
+                        save_student: Callable[[Path], None]) -> bool:
+    """Keep the student of ``step`` in ``checkpoints/shortlist`` if its ``metric`` (lower is
+    better) is among the ``size`` lowest kept, dropping the one it displaces. Returns whether it
+    did."""
+    entries = shortlist(output_dir, metric)
+    if len(entries) >= size and entries[size - 1].scores[metric] <= scores[metric]:
+        return False
+    with atomic_directory(Path(output_dir) / CHECKPOINTS / SHORTLIST / f"{CHECKPOINT_PREFIX}{step:06d}") as staging:
+        save_student(staging / STUDENT)
+        (staging / BEST_SCORES).write_text(json.dumps({"step": step, **scores}, indent=2) + "\n")
+    for displaced in shortlist(output_dir, metric)[size:]:
+        shutil.rmtree(displaced.path)
+    return True
+
+
+def make_best(output_dir: str | Path, entry: Shortlisted, rescored: dict) -> None:
+    """Make a shortlisted student ``checkpoints/best``: its periodic scores and, under
+    ``"rescored"``, the scores it was chosen by."""
+    with atomic_directory(Path(output_dir) / CHECKPOINTS / BEST) as staging:
+        shutil.copytree(entry.path / STUDENT, staging / STUDENT)
+        (staging / BEST_SCORES).write_text(json.dumps({**entry.scores, "rescored": rescored}, indent=2) + "\n")
 
 
 def write_metrics(output_dir: str | Path, metrics: dict) -> None:

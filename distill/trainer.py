@@ -330,6 +330,7 @@ class DistillTrainer:
                 break
         progress.close()
         metrics = self.final_scores()
+        self.rescore_shortlist()
         accelerator.end_training()
         return metrics
 
@@ -491,6 +492,54 @@ class DistillTrainer:
                           self.output_dir / runs.SCORES_PLOT)
         runs.keep_if_best(self.output_dir, step=step, scores=metrics, metric=self.best_metric,
                           save_student=write)
+        if self.config.eval.rescore_top:
+            runs.keep_if_shortlisted(self.output_dir, step=step, scores=metrics, metric=self.best_metric,
+                                     size=self.config.eval.rescore_top, save_student=write)
+
+    def rescore_seeds(self) -> list[int]:
+        """The seeds of eval.rescore_draws: apart from the periodic scores' (seed + 1) and from
+        scripts/bench_quality.py's (1, one draw split into disjoint parts)."""
+        return [self.config.seed + 1 + 1000 * (i + 1) for i in range(self.config.eval.rescore_draws)]
+
+    def rescore_shortlist(self) -> dict | None:
+        """eval.rescore_top: score each shortlisted student on eval.rescore_draws fresh draws
+        of eval.num_samples and make the lowest mean ``best_metric`` checkpoints/best (main
+        process; the others wait). Returns what best's scores.json records under
+        ``"rescored"``, or None (no shortlist, or not the main process)."""
+        e = self.config.eval
+        rescored = None
+        if e.rescore_top and self.accelerator.is_main_process and runs.shortlist(self.output_dir):
+            rescored = self._rescore(runs.shortlist(self.output_dir, self.best_metric))
+        self.accelerator.wait_for_everyone()
+        return rescored
+
+    def _rescore(self, entries: list[runs.Shortlisted]) -> dict:
+        from distill.evaluate import run_teacher, student_target
+
+        e, metric, report = self.config.eval, self.best_metric, self.accelerator.print
+        # a sharded base holds only this process's shards: the candidates need a whole teacher
+        teacher = run_teacher(self.config, self.device) if self.base_sharded else self.teacher
+        prompts = getattr(self.raw_dataset, "prompts", None)
+        if not hasattr(self, "_scorer"):
+            self._scorer = scorer_from_config(e, self.config.data.dataset, self.device,
+                                              reference=eval_reference(self.raw_dataset, e))
+        seeds, table = self.rescore_seeds(), []
+        for entry in entries:
+            target = student_target(teacher, self.config, entry.path / runs.STUDENT, batch_size=e.batch_size,
+                                    device=self.device, prompts=prompts, adapter=f"shortlist{entry.step}")
+            values = [self._scorer(*target.draw(e.num_samples, seed, clamp=False))[metric] for seed in seeds]
+            row = {"step": entry.step, f"periodic_{metric}": entry.scores[metric], metric: sum(values) / len(values),
+                   f"{metric}_draws": values}
+            table.append(row)
+            report(f"rescored shortlist step {entry.step}: {metric} {row[metric]:.4g} over {len(values)} fresh draws "
+                   f"(periodic {entry.scores[metric]:.4g})")
+        chosen = min(range(len(entries)), key=lambda i: (table[i][metric], entries[i].step))
+        rescored = {metric: table[chosen][metric], "draws": len(seeds), "num_samples": e.num_samples, "seeds": seeds,
+                    "shortlist": table}
+        runs.make_best(self.output_dir, entries[chosen], rescored)
+        report(f"checkpoints/best: step {entries[chosen].step} ({metric} {table[chosen][metric]:.4g} on fresh draws), "
+               f"of the {len(entries)} lowest periodic scores")
+        return rescored
 
     def final_scores(self) -> dict | None:
         if not (self.config.eval.features or self.config.eval.clip):

@@ -301,6 +301,87 @@ def test_sample_of_a_run_names_its_kept_best_once(scored_run, tmp_path, capsys):
     assert (tmp_path / "grid.png").is_file()
 
 
+def test_shortlist_keeps_the_lowest_periodic_scores_and_forgets_steps_a_resume_drops(tmp_path):
+    from distill import runs
+
+    def saver(step):
+        def save(directory):
+            directory.mkdir(parents=True)
+            (directory / "weights").write_text(f"student of step {step}")
+        return save
+
+    kept = [runs.keep_if_shortlisted(tmp_path, step=step, scores={"fd_x": fd}, metric="fd_x", size=2, save_student=saver(step))
+            for step, fd in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 5.0), (5, 0.5))]
+    assert kept == [True, True, True, False, True]  # 4 is worse than both kept; 5 displaces 3
+    assert [(e.step, e.scores["fd_x"]) for e in runs.shortlist(tmp_path, "fd_x")] == [(5, 0.5), (2, 1.0)]
+    assert [e.step for e in runs.shortlist(tmp_path)] == [2, 5]  # no metric: by step
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "shortlist").iterdir()) == ["step-000002", "step-000005"]
+    (tmp_path / "checkpoints" / "shortlist" / "step-000007" / "student").mkdir(parents=True)  # no scores.json: left out
+    assert [e.step for e in runs.shortlist(tmp_path)] == [2, 5]
+
+    entry = runs.shortlist(tmp_path, "fd_x")[1]
+    runs.make_best(tmp_path, entry, {"fd_x": 0.7, "draws": 3})
+    best = tmp_path / "checkpoints" / "best"
+    assert (best / "student" / "weights").read_text() == "student of step 2"
+    assert json.loads((best / "scores.json").read_text()) == {"step": 2, "fd_x": 1.0, "rescored": {"fd_x": 0.7, "draws": 3}}
+    said = []
+    runs.forget_steps_after(tmp_path, 3, report=said.append)  # a resume from step 3: entry 5 was chosen after it
+    assert [e.step for e in runs.shortlist(tmp_path)] == [2]
+
+
+def test_rescore_top_makes_best_the_shortlisted_student_lowest_on_fresh_draws(tiny_teacher, tiny_classifier, tmp_path,
+                                                                             capsys):
+    """eval.rescore_top=2: the two lowest periodic scores are kept; at the end each is scored on
+    eval.rescore_draws fresh draws (seeds apart from the periodic one and bench_quality's), the
+    lowest mean becomes checkpoints/best, and one draw's FD is what ``distill eval`` gives for
+    that student on that seed."""
+    from distill import train
+
+    run = tmp_path / "run"
+    train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, tiny_classifier, run, **{
+        "train.max_steps": 4, "eval.every": 1, "train.checkpoint_every": 2, "train.sample_every": 0,
+        "eval.rescore_top": 2, "eval.rescore_draws": 2, "eval.every_num_samples": "null"})])
+    periodic = {r["step"]: r["fd_classifier"] for r in map(json.loads, (run / "scores.jsonl").read_text().splitlines())}
+    lowest = sorted(periodic, key=periodic.get)[:2]
+    shortlisted = sorted(p.name for p in (run / "checkpoints" / "shortlist").iterdir())
+    assert shortlisted == [f"step-{s:06d}" for s in sorted(lowest)]
+    best = json.loads((run / "checkpoints" / "best" / "scores.json").read_text())
+    rescored = best["rescored"]
+    assert rescored["seeds"] == [1001, 2001] and rescored["draws"] == 2 and rescored["num_samples"] == 40
+    table = {row["step"]: row for row in rescored["shortlist"]}
+    assert sorted(table) == sorted(lowest)
+    for step, row in table.items():
+        assert row["periodic_fd_classifier"] == pytest.approx(periodic[step])
+        assert row["fd_classifier"] == pytest.approx(sum(row["fd_classifier_draws"]) / 2)
+        assert row["fd_classifier"] != pytest.approx(periodic[step])  # other draws than the periodic one
+    chosen = min(table, key=lambda s: table[s]["fd_classifier"])
+    assert best["step"] == chosen and rescored["fd_classifier"] == table[chosen]["fd_classifier"]
+    assert best["fd_classifier"] == pytest.approx(periodic[chosen])  # its periodic scores are kept beside
+    entry = run / "checkpoints" / "shortlist" / f"step-{chosen:06d}" / "student"
+    for f in entry.iterdir():
+        assert (run / "checkpoints" / "best" / "student" / f.name).read_bytes() == f.read_bytes()
+    assert f"checkpoints/best: step {chosen} (fd_classifier " in capsys.readouterr().out
+
+    other = max(table, key=lambda s: table[s]["fd_classifier"])  # `distill eval` on one entry, on the first seed
+    cli(["eval", str(run), "--checkpoint", str(entry.parent.with_name(f"step-{other:06d}")), "--out",
+         str(tmp_path / "again"), "--num", "40", "--seed", "1001", "--batch-size", "20", "--classifier",
+         str(tiny_classifier), "--cache-dir", str(tmp_path / "reference-cache"), "--no-speed", "--compare-num", "4",
+         "--compare-steps", "2"])
+    (row,) = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert row["fd_classifier"] == pytest.approx(table[other]["fd_classifier_draws"][0], rel=1e-4)
+
+
+def test_rescore_top_needs_the_periodic_scores(tmp_path):
+    from distill.config import load
+    from distill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"digits-dmd2-1step.yaml: eval.rescore_top: the shortlist is made of the "
+                                          r"periodic scores: set eval.every > 0"):
+        load(RECIPE_1STEP, ["eval.rescore_top=3", "eval.every=0"])
+    with pytest.raises(ConfigError, match=r"eval.rescore_draws: must be at least 1, got 0"):
+        load(RECIPE_1STEP, ["eval.rescore_draws=0"])
+
+
 def test_distill_eval_on_a_run_an_export_and_a_teacher(scored_run, tiny_teacher, tiny_classifier, tmp_path, capsys):
     cache = tmp_path / "cache"
     common = ["--num", "30", "--classifier", str(tiny_classifier), "--cache-dir", str(cache), "--batch-size", "15",

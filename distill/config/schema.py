@@ -178,6 +178,15 @@ class EvalConfig:
         None, "samples drawn for each evaluation during training (null: eval.num_samples, so the periodic scores, "
         "the best checkpoint and the final scores compare: FD reads higher on fewer samples, on the digits benchmark "
         "by about 0.4 at 1,000 against 2,000)")
+    rescore_top: int = setting(
+        0, "at the end of training, score the N students with the lowest periodic FD (eval.every; kept meanwhile in "
+        "checkpoints/shortlist/, N students on disk) again on eval.rescore_draws fresh draws of eval.num_samples "
+        "each, and make the lowest mean FD checkpoints/best. 0: checkpoints/best is the lowest periodic score, the "
+        "minimum of single draws, which once the FD curve is flat picks noise as often as a better student",
+        minimum=0)
+    rescore_draws: int = setting(
+        3, "fresh draws per shortlisted student (eval.rescore_top), on seeds the periodic scores and "
+        "scripts/bench_quality.py do not use", minimum=1)
     nearest_k: int = setting(3, "k of the k-nearest-neighbour manifolds of precision and recall (Kynkäänniemi et al. 2019)")
     kid_subsets: int = setting(100, "random subsets averaged by KID")
     kid_subset_size: int = setting(1000, "samples per KID subset (capped at the smaller set's size)")
