@@ -1,4 +1,5 @@
-"""The Accelerate training loop: setup -> train -> save / resume -> final scores.
+"""The Accelerate training loop: setup -> train -> save / resume -> final scores (-> with
+``eval.rescore_top``, the shortlist rescored on fresh draws and the lowest made best).
 
 One *student step* is ``method.critic_updates`` critic updates (none for a method without
 a critic) followed by one generator update (DMD2's two time-scale rule); each update

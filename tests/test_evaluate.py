@@ -329,18 +329,21 @@ def test_shortlist_keeps_the_lowest_periodic_scores_and_forgets_steps_a_resume_d
     assert [e.step for e in runs.shortlist(tmp_path)] == [2]
 
 
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
 def test_rescore_top_makes_best_the_shortlisted_student_lowest_on_fresh_draws(tiny_teacher, tiny_classifier, tmp_path,
-                                                                             capsys):
+                                                                             capsys, lora_rank):
     """eval.rescore_top=2: the two lowest periodic scores are kept; at the end each is scored on
     eval.rescore_draws fresh draws (seeds apart from the periodic one and bench_quality's), the
     lowest mean becomes checkpoints/best, and one draw's FD is what ``distill eval`` gives for
-    that student on that seed."""
+    that student on that seed. A LoRA student's candidates are adapters on the teacher's network."""
     from distill import train
 
     run = tmp_path / "run"
+    lora = {"student.lora.rank": lora_rank, "student.lora.alpha": lora_rank, "optim.student.lr": 1e-2,
+            "train.ema_decay": 0} if lora_rank else {}
     train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, tiny_classifier, run, **{
         "train.max_steps": 4, "eval.every": 1, "train.checkpoint_every": 2, "train.sample_every": 0,
-        "eval.rescore_top": 2, "eval.rescore_draws": 2, "eval.every_num_samples": "null"})])
+        "eval.rescore_top": 2, "eval.rescore_draws": 2, "eval.every_num_samples": "null", **lora})])
     periodic = {r["step"]: r["fd_classifier"] for r in map(json.loads, (run / "scores.jsonl").read_text().splitlines())}
     lowest = sorted(periodic, key=periodic.get)[:2]
     shortlisted = sorted(p.name for p in (run / "checkpoints" / "shortlist").iterdir())
@@ -358,6 +361,7 @@ def test_rescore_top_makes_best_the_shortlisted_student_lowest_on_fresh_draws(ti
     assert best["step"] == chosen and rescored["fd_classifier"] == table[chosen]["fd_classifier"]
     assert best["fd_classifier"] == pytest.approx(periodic[chosen])  # its periodic scores are kept beside
     entry = run / "checkpoints" / "shortlist" / f"step-{chosen:06d}" / "student"
+    assert (entry / "adapter_config.json").is_file() == bool(lora_rank)
     for f in entry.iterdir():
         assert (run / "checkpoints" / "best" / "student" / f.name).read_bytes() == f.read_bytes()
     assert f"checkpoints/best: step {chosen} (fd_classifier " in capsys.readouterr().out
