@@ -345,7 +345,7 @@ def test_describe_covers_every_leaf_key():
     assert rows["student.timesteps"][1] == [500]
     assert all(help for help, _ in rows.values())
     assert "teacher" not in rows  # sections are not leaves
-    assert len(rows) == 90  # with the default method's (dmd2) section; each method's own: describe_methods
+    assert len(rows) == 92  # with the default method's (dmd2) section; each method's own: describe_methods
     methods = {name: {key: default for key, _, default in rows} for name, rows in config_lib.describe_methods().items()}
     assert list(methods) == ["dmd2", "add", "ladd"]
     assert methods["add"]["method.distill_weight"] == 2.5 and methods["ladd"]["method.distill_weight"] == 0.0

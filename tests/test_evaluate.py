@@ -375,13 +375,18 @@ def test_rescore_top_makes_best_the_shortlisted_student_lowest_on_fresh_draws(ti
     assert row["fd_classifier"] == pytest.approx(table[other]["fd_classifier_draws"][0], rel=1e-4)
 
 
-def test_rescore_top_needs_the_periodic_scores(tmp_path):
+def test_rescore_top_is_inert_without_periodic_scores(tiny_teacher, tmp_path):
+    """A recipe that sets eval.rescore_top still runs with evaluation off (eval.every: 0, no
+    feature space): nothing is shortlisted and no best is kept; a bad rescore_draws is an error."""
+    from distill import train
     from distill.config import load
     from distill.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"digits-dmd2-1step.yaml: eval.rescore_top: the shortlist is made of the "
-                                          r"periodic scores: set eval.every > 0"):
-        load(RECIPE_1STEP, ["eval.rescore_top=3", "eval.every=0"])
+    run = tmp_path / "run"
+    train.main([RECIPE_1STEP, *tiny_overrides(tiny_teacher, None, run, **{"eval.rescore_top": 3, "train.max_steps": 1,
+                                                                          "train.sample_every": 0})])
+    assert (run / "checkpoints" / "step-000001").is_dir()
+    assert not (run / "checkpoints" / "shortlist").exists() and not (run / "checkpoints" / "best").exists()
     with pytest.raises(ConfigError, match=r"eval.rescore_draws: must be at least 1, got 0"):
         load(RECIPE_1STEP, ["eval.rescore_draws=0"])
 

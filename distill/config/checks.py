@@ -177,9 +177,6 @@ def check_eval(e: EvalConfig) -> None:
              "directory or hub id, e.g. openai/clip-vit-large-patch14-336 (the paper's)")
     if e.every and not e.features:
         fail("eval.every", "evaluation during training needs at least one feature space in eval.features")
-    if e.rescore_top and not (e.every and e.features):
-        fail("eval.rescore_top", "the shortlist is made of the periodic scores: set eval.every > 0 (and a feature "
-             "space in eval.features), or eval.rescore_top: 0")
     for name in ("num_samples", "every_num_samples"):
         if e.features and getattr(e, name) is not None and getattr(e, name) <= e.nearest_k:
             fail(f"eval.{name}", f"precision/recall with eval.nearest_k={e.nearest_k} need more samples")

@@ -182,7 +182,9 @@ class EvalConfig:
         0, "at the end of training, score the N students with the lowest periodic FD (eval.every; kept meanwhile in "
         "checkpoints/shortlist/, N students on disk) again on eval.rescore_draws fresh draws of eval.num_samples "
         "each, and make the lowest mean FD checkpoints/best. 0: checkpoints/best is the lowest periodic score, the "
-        "minimum of single draws, which once the FD curve is flat picks noise as often as a better student",
+        "minimum of single draws, which once the FD curve is flat picks noise as often as a better student. "
+        "Without periodic scores (eval.every: 0) there is nothing to shortlist and no best: the setting is inert, so "
+        "a recipe that sets it still runs with evaluation off",
         minimum=0)
     rescore_draws: int = setting(
         3, "fresh draws per shortlisted student (eval.rescore_top), on seeds the periodic scores and "
