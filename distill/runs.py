@@ -29,6 +29,7 @@ written whole or not at all.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -52,8 +53,8 @@ SHORTLIST = "shortlist"  # inside checkpoints/: the eval.rescore_top lowest peri
 DATA_REPORT = "data_report.json"  # the bad items data.on_bad_item=skip left out
 __all__ = ["BEST", "BEST_SCORES", "CHECKPOINTS", "CHECKPOINT_INFO", "CHECKPOINT_PREFIX", "CONFIG", "DATA_REPORT", "LOSSES", "METRICS", "TIMES",
            "Run", "SCORES", "SCORES_PLOT", "STUDENT", "append_row", "best_scores", "check_new_run", "checkpoint_path", "find_checkpoint",
-           "forget_steps_after", "is_run", "keep_if_best", "keep_if_shortlisted", "make_best", "load_config", "load_run", "prune_checkpoints", "read_metrics", "read_rows",
-           "report_skipped", "samples_path", "shortlist", "write_checkpoint_info", "write_metrics"]
+           "forget_steps_after", "is_run", "keep_if_best", "keep_if_shortlisted", "link_student", "make_best", "load_config", "load_run", "prune_checkpoints", "read_metrics", "read_rows",
+           "report_skipped", "rescore_seeds", "samples_path", "shortlist", "shortlisted_student", "write_checkpoint_info", "write_metrics"]
 
 
 def _stderr(message: str) -> None:
@@ -285,6 +286,11 @@ def shortlist(output_dir: str | Path, metric: str | None = None) -> list[Shortli
     return sorted(entries, key=(lambda e: e.step) if metric is None else (lambda e: (e.scores[metric], e.step)))
 
 
+def shortlisted_student(output_dir: str | Path, step: int) -> Path:
+    """Where the shortlisted student of ``step`` lives (``checkpoints/shortlist/step-N/student``)."""
+    return Path(output_dir) / CHECKPOINTS / SHORTLIST / f"{CHECKPOINT_PREFIX}{step:06d}" / STUDENT
+
+
 def keep_if_shortlisted(output_dir: str | Path, *, step: int, scores: dict, metric: str, size: int,
                         save_student: Callable[[Path], None]) -> bool:
     """Keep the student of ``step`` in ``checkpoints/shortlist`` if its ``metric`` (lower is
@@ -293,7 +299,7 @@ def keep_if_shortlisted(output_dir: str | Path, *, step: int, scores: dict, metr
     entries = shortlist(output_dir, metric)
     if len(entries) >= size and entries[size - 1].scores[metric] <= scores[metric]:
         return False
-    with atomic_directory(Path(output_dir) / CHECKPOINTS / SHORTLIST / f"{CHECKPOINT_PREFIX}{step:06d}") as staging:
+    with atomic_directory(shortlisted_student(output_dir, step).parent) as staging:
         save_student(staging / STUDENT)
         (staging / BEST_SCORES).write_text(json.dumps({"step": step, **scores}, indent=2) + "\n")
     for displaced in shortlist(output_dir, metric)[size:]:
@@ -301,11 +307,32 @@ def keep_if_shortlisted(output_dir: str | Path, *, step: int, scores: dict, metr
     return True
 
 
+def rescore_seeds(seed: int, draws: int) -> list[int]:
+    """The seeds of ``eval.rescore_top``'s fresh draws for a run of ``seed``: apart from the
+    periodic scores' (seed + 1) and from scripts/bench_quality.py's (1, one draw split in parts)."""
+    return [seed + 1 + 1000 * (i + 1) for i in range(draws)]
+
+
+def link_student(source: Path) -> Callable[[Path], None]:
+    """A ``save_student`` that places the student already written in ``source`` (a kept
+    ``student/``) by hard links, so one evaluation writes its weights once; a copy where the
+    file system has no hard links. Kept students are never written in place, so the links
+    stay equal."""
+    def place(directory: Path) -> None:
+        def link(src, dst):
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        shutil.copytree(source, directory, copy_function=link)
+    return place
+
+
 def make_best(output_dir: str | Path, entry: Shortlisted, rescored: dict) -> None:
     """Make a shortlisted student ``checkpoints/best``: its periodic scores and, under
     ``"rescored"``, the scores it was chosen by."""
     with atomic_directory(Path(output_dir) / CHECKPOINTS / BEST) as staging:
-        shutil.copytree(entry.path / STUDENT, staging / STUDENT)
+        link_student(entry.path / STUDENT)(staging / STUDENT)
         (staging / BEST_SCORES).write_text(json.dumps({**entry.scores, "rescored": rescored}, indent=2) + "\n")
 
 

@@ -467,10 +467,14 @@ class DistillTrainer:
         images, labels = self._draw(student, num_samples, seed=self.config.seed + 1, clamp=False)
         if not self.accelerator.is_main_process:
             return None, student
+        return self.scorer()(images, labels), student
+
+    def scorer(self):
+        """The eval section's ``Scorer``, made on first use (main process)."""
         if not hasattr(self, "_scorer"):
             self._scorer = scorer_from_config(self.config.eval, self.config.data.dataset, self.device,
                                               reference=eval_reference(self.raw_dataset, self.config.eval))
-        return self._scorer(images, labels), student
+        return self._scorer
 
     @property
     def best_metric(self) -> str:
@@ -491,26 +495,22 @@ class DistillTrainer:
         space = self.config.eval.features[0]
         plot_against_step(runs.read_rows(self.output_dir / runs.SCORES), [self.best_metric, f"recall_{space}"],
                           self.output_dir / runs.SCORES_PLOT)
+        if self.config.eval.rescore_top and runs.keep_if_shortlisted(
+                self.output_dir, step=step, scores=metrics, metric=self.best_metric, size=self.config.eval.rescore_top,
+                save_student=write):
+            # a new best is always shortlisted: its weights are written once, linked into best
+            write = runs.link_student(runs.shortlisted_student(self.output_dir, step))
         runs.keep_if_best(self.output_dir, step=step, scores=metrics, metric=self.best_metric,
                           save_student=write)
-        if self.config.eval.rescore_top:
-            runs.keep_if_shortlisted(self.output_dir, step=step, scores=metrics, metric=self.best_metric,
-                                     size=self.config.eval.rescore_top, save_student=write)
-
-    def rescore_seeds(self) -> list[int]:
-        """The seeds of eval.rescore_draws: apart from the periodic scores' (seed + 1) and from
-        scripts/bench_quality.py's (1, one draw split into disjoint parts)."""
-        return [self.config.seed + 1 + 1000 * (i + 1) for i in range(self.config.eval.rescore_draws)]
 
     def rescore_shortlist(self) -> dict | None:
         """eval.rescore_top: score each shortlisted student on eval.rescore_draws fresh draws
         of eval.num_samples and make the lowest mean ``best_metric`` checkpoints/best (main
         process; the others wait). Returns what best's scores.json records under
         ``"rescored"``, or None (no shortlist, or not the main process)."""
-        e = self.config.eval
-        rescored = None
-        if e.rescore_top and self.accelerator.is_main_process and runs.shortlist(self.output_dir):
-            rescored = self._rescore(runs.shortlist(self.output_dir, self.best_metric))
+        shortlisting = self.config.eval.rescore_top and self.accelerator.is_main_process
+        entries = runs.shortlist(self.output_dir) if shortlisting else []  # by step; none without periodic scores
+        rescored = self._rescore(entries) if entries else None
         self.accelerator.wait_for_everyone()
         return rescored
 
@@ -520,15 +520,12 @@ class DistillTrainer:
         e, metric, report = self.config.eval, self.best_metric, self.accelerator.print
         # a sharded base holds only this process's shards: the candidates need a whole teacher
         teacher = run_teacher(self.config, self.device) if self.base_sharded else self.teacher
-        prompts = getattr(self.raw_dataset, "prompts", None)
-        if not hasattr(self, "_scorer"):
-            self._scorer = scorer_from_config(e, self.config.data.dataset, self.device,
-                                              reference=eval_reference(self.raw_dataset, e))
-        seeds, table = self.rescore_seeds(), []
+        prompts, scorer = getattr(self.raw_dataset, "prompts", None), self.scorer()
+        seeds, table = runs.rescore_seeds(self.config.seed, e.rescore_draws), []
         for entry in entries:
             target = student_target(teacher, self.config, entry.path / runs.STUDENT, batch_size=e.batch_size,
                                     device=self.device, prompts=prompts, adapter=f"shortlist{entry.step}")
-            values = [self._scorer(*target.draw(e.num_samples, seed, clamp=False))[metric] for seed in seeds]
+            values = [scorer(*target.draw(e.num_samples, seed, clamp=False))[metric] for seed in seeds]
             row = {"step": entry.step, f"periodic_{metric}": entry.scores[metric], metric: sum(values) / len(values),
                    f"{metric}_draws": values}
             table.append(row)
