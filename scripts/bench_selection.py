@@ -30,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,20 +39,20 @@ import torch
 
 from distill import evaluate, runs
 from distill.checkpoints import checkpoint_step, listed_checkpoints
-from distill.config import EvalConfig
+from distill.factories import scorer_from_config
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True)
-    parser.add_argument("--classifier", default="models/digits-classifier")
-    parser.add_argument("--num", type=int, default=2000, help="samples per draw")
+    parser.add_argument("--classifier", default=None, help="the classifier to score in (default: the run's eval.classifier)")
+    parser.add_argument("--num", type=int, default=None, help="samples per draw (default: the run's eval.num_samples)")
     parser.add_argument("--select-draws", type=int, default=3)
     parser.add_argument("--truth-draws", type=int, default=5)
     parser.add_argument("--truth-seed", type=int, default=50_000)
     parser.add_argument("--tops", default="1,3,5,8", help="shortlist sizes to read off")
-    parser.add_argument("--batch", type=int, default=EvalConfig().batch_size)
-    parser.add_argument("--cache-dir", default=EvalConfig().cache_dir)
+    parser.add_argument("--batch", type=int, default=None, help="default: the run's eval.batch_size")
+    parser.add_argument("--cache-dir", default=None, help="default: the run's eval.cache_dir")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None, help="write every draw's FD here")
     parser.add_argument("--from-json", default=None, help="render the tables of an earlier --json, scoring nothing")
@@ -64,12 +65,14 @@ def main() -> None:
 
     torch.set_grad_enabled(False)
     config, _ = runs.load_config(args.run)
-    periodic = {row["step"]: row[f"fd_{config.eval.features[0]}"] for row in runs.read_rows(Path(args.run) / runs.SCORES)}
-    defaults = EvalConfig()
-    scorer = evaluate.Scorer(feature_spaces=["classifier"], dataset="digits", classifier=args.classifier, dinov2="unused",
-                             nearest_k=defaults.nearest_k, kid_subsets=defaults.kid_subsets,
-                             kid_subset_size=defaults.kid_subset_size, cache_dir=args.cache_dir, batch_size=args.batch)
-    select_seeds = [config.seed + 1 + 1000 * (i + 1) for i in range(args.select_draws)]
+    e = config.eval
+    metric = f"fd_{e.features[0]}"  # what the run ranks its checkpoints by
+    periodic = {row["step"]: row[metric] for row in runs.read_rows(Path(args.run) / runs.SCORES)}
+    e = replace(e, features=e.features[:1], clip=None, cmmd=False, classifier=args.classifier or e.classifier,
+                cache_dir=args.cache_dir or e.cache_dir, batch_size=args.batch or e.batch_size,
+                num_samples=args.num or e.num_samples)
+    scorer = scorer_from_config(e, config.data.dataset, "cpu")  # the digits: their own reference set
+    select_seeds = runs.rescore_seeds(config.seed, args.select_draws)
     truth_seeds = [args.truth_seed + i for i in range(args.truth_draws)]
     teacher = evaluate.run_teacher(config)
     rows, started = [], time.perf_counter()
@@ -77,11 +80,11 @@ def main() -> None:
         step = checkpoint_step(checkpoint)
         if step not in periodic:
             continue
-        target = evaluate.student_target(teacher, config, checkpoint / runs.STUDENT, batch_size=args.batch,
+        target = evaluate.student_target(teacher, config, checkpoint / runs.STUDENT, batch_size=e.batch_size,
                                          adapter=f"step{step}")
 
         def fd(seeds):
-            return [scorer(*target.draw(args.num, seed, clamp=False))["fd_classifier"] for seed in seeds]
+            return [scorer(*target.draw(e.num_samples, seed, clamp=False))[metric] for seed in seeds]
 
         rows.append(summarise({"step": step, "periodic": periodic[step], "select_draws": fd(select_seeds),
                                "truth_draws": fd(truth_seeds)}))
@@ -90,7 +93,7 @@ def main() -> None:
     if not rows:
         sys.exit(f"{args.run}: no kept checkpoint has a periodic score (train with eval.every and train.keep_checkpoints)")
     header = (f"`python scripts/bench_selection.py --run {args.run}` ({platform.machine()}, torch {torch.__version__}, "
-              f"{(time.perf_counter() - started) / 60:.1f} min): {len(rows)} checkpoints, {args.num} samples a draw; "
+              f"{(time.perf_counter() - started) / 60:.1f} min): {len(rows)} checkpoints, {e.num_samples} samples a draw, {metric}; "
               f"selection seeds {select_seeds}, truth seeds {truth_seeds}.")
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
